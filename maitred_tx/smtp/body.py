@@ -1,0 +1,248 @@
+"""Message body receivers: DATA (RFC 5321 4.1.1.4, 4.5.2) and BDAT chunks (RFC 3030).
+
+The body is never handled line by line.  ``DataReceiver`` scans each buffer with one
+C-level search for ``CRLF "."`` — the only place where a line start matters — so the
+end marker and dot-unstuffing cost one pass, and everything between two dot lines is
+passed on as one slice.  Only the exact sequence CRLF "." CRLF ends DATA (4.1.1.4); a
+bare CR or LF never does, whatever the bare-line-ending policy says, which closes the
+SMTP smuggling family (CVE-2023-51764 and kin).
+
+``ContentChecker`` enforces the content limits on the raw stream (bare line endings,
+text line length, header block size) with whole-buffer operations too.  Once a limit is
+broken the receivers keep consuming — the end of the message must still be found — but
+pass nothing on, and the session answers with the recorded reply at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from maitred_tx.smtp import replies as R
+from maitred_tx.smtp.config import BareLineEndings, Limits
+from maitred_tx.smtp.replies import Reply
+
+__all__ = ["BdatReceiver", "ContentChecker", "DataReceiver"]
+
+# re's literal-prefix search beats bytes.find for this three-byte needle.
+_DOT_LINE: Final = re.compile(rb"\r\n\.")
+# Every byte but CR and LF, for the bare-line-ending check (see _check_bare).
+_NOT_CRLF: Final = bytes(b for b in range(256) if b not in (10, 13))
+# Long-line probe step: a line of >= 2*step-1 octets without LF contains a whole
+# aligned block of *step* octets without LF, so only those blocks need a closer look.
+_EMPTY: Final = b""
+
+
+class ContentChecker:
+    """Limits on message content, fed the raw bytes in any chunking.
+
+    Memory stays bounded: it keeps a few counters and at most three bytes of the
+    previous buffer, however long a line or a header block is.
+    """
+
+    __slots__ = (
+        "_bare",
+        "_block",
+        "_check_lines",
+        "_header_len",
+        "_header_tail",
+        "_in_header",
+        "_line_len",
+        "_max_header",
+        "_max_line",
+        "_prev_cr",
+        "error",
+    )
+
+    def __init__(self, limits: Limits, bare: BareLineEndings, *, text: bool = True) -> None:
+        # BINARYMIME content (RFC 3030 3) has no lines: only the header check applies.
+        self._bare = text and bare is BareLineEndings.REJECT
+        self._check_lines = text
+        # Longest allowed line content, CR included, LF excluded (RFC 5321 4.5.3.1.6).
+        self._max_line = limits.max_text_line - 1
+        self._block = max(1, (self._max_line + 1) // 2)
+        self._max_header = limits.max_header_block
+        self._line_len = 0
+        self._prev_cr = False
+        self._in_header = True
+        self._header_len = 0
+        self._header_tail = b"\r\n"  # the header block may be empty: body starts CRLF
+        self.error: Reply | None = None
+
+    def feed(self, data: bytes) -> Reply | None:
+        """Check one more piece; the first violation is kept in ``error``."""
+        if self.error is None and data:
+            if self._in_header:
+                self._check_header(data)
+            if self._bare and self.error is None:
+                self._check_bare(data)
+            if self._check_lines and self.error is None:
+                self._check_line_length(data)
+        return self.error
+
+    def finish(self) -> Reply | None:
+        """The content is complete: a CR left dangling at the very end is bare too."""
+        if self.error is None and self._bare and self._prev_cr:
+            self.error = R.R550_BARE_LINE_ENDING
+        return self.error
+
+    def _check_header(self, data: bytes) -> None:
+        # RFC 5322 2.1: the header block ends at the first empty line.
+        room = self._max_header - self._header_len
+        probe = self._header_tail + data[: room + 4]
+        end = probe.find(b"\r\n\r\n")
+        if end >= 0:
+            self._in_header = False
+            if end + 2 - len(self._header_tail) > room:
+                self.error = R.R552_HEADER_TOO_BIG
+            return
+        self._header_len += len(data)
+        if self._header_len > self._max_header:
+            self.error = R.R552_HEADER_TOO_BIG
+        self._header_tail = probe[-3:]
+
+    def _check_bare(self, data: bytes) -> None:
+        # Keep only CR and LF (a C-level pass), then every CR must pair with an LF.
+        ends = data.translate(None, _NOT_CRLF)
+        if not ends:
+            return
+        if self._prev_cr:
+            if ends[0] != 10:  # the CR that ended the previous buffer was bare
+                self.error = R.R550_BARE_LINE_ENDING
+                return
+            ends = ends[1:]
+        self._prev_cr = ends.endswith(b"\r")
+        if self._prev_cr:
+            ends = ends[:-1]
+        if ends.count(b"\r\n") * 2 != len(ends):
+            self.error = R.R550_BARE_LINE_ENDING
+
+    def _check_line_length(self, data: bytes) -> None:
+        limit = self._max_line
+        first = data.find(b"\n")
+        if first < 0:
+            self._line_len += len(data)
+            if self._line_len > limit:
+                self.error = R.R554_LINE_TOO_LONG.format(limit=str(limit + 1))
+            return
+        if self._line_len + first > limit:
+            self.error = R.R554_LINE_TOO_LONG.format(limit=str(limit + 1))
+            return
+        last = data.rfind(b"\n")
+        self._line_len = len(data) - last - 1
+        if last - first > limit and self._has_long_line(data, first, last, limit):
+            self.error = R.R554_LINE_TOO_LONG.format(limit=str(limit + 1))
+
+    def _has_long_line(self, data: bytes, first: int, last: int, limit: int) -> bool:
+        """True if a complete line between *first* and *last* (LF positions) is too long."""
+        find, rfind, step = data.find, data.rfind, self._block
+        for i in range(first + 1, last, step):
+            if find(b"\n", i, i + step) < 0:  # a block without LF: measure its line
+                start = rfind(b"\n", first, i)
+                end = find(b"\n", i, last + 1)
+                if end - start - 1 > limit:
+                    return True
+        return False
+
+
+class DataReceiver:
+    """The DATA body: end marker, dot-unstuffing, size limit, content checks.
+
+    ``feed`` returns the unstuffed bytes it can pass on now and, once CRLF.CRLF has
+    been seen, the index in *data* just past it (what follows is pipelined commands).
+    """
+
+    __slots__ = ("_max_size", "_skip", "_tail", "checker", "error", "size")
+
+    def __init__(self, limits: Limits, bare: BareLineEndings) -> None:
+        self._max_size = limits.max_message_size
+        # The CRLF that ended the DATA command line starts the first line (4.1.1.4), so
+        # a body that starts with "." is unstuffed and ".CRLF" at once ends it.  It is
+        # held like any other CRLF but never passed on: _skip counts such bytes.
+        self._tail = b"\r\n"
+        self._skip = 2
+        self.checker = ContentChecker(limits, bare)
+        self.error: Reply | None = None
+        self.size = 0
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int | None]:
+        if not data:
+            return [], None
+        tail = self._tail
+        buf = tail + data if tail else data
+        out: list[bytes] = []
+        start = self._skip
+        search = _DOT_LINE.search
+        pos = 0
+        while (m := search(buf, pos)) is not None:
+            crlf = m.start()
+            dot = crlf + 2
+            after = buf[dot + 1 : dot + 3]
+            if after == b"\r\n":  # CRLF "." CRLF: the end (the first CRLF is content)
+                self._pass(out, buf, start, dot)
+                end = dot + 3 - len(tail)
+                self._check(data[:end])
+                return self._result(out), end
+            if not after or after == b"\r":  # cannot tell yet: hold from the CRLF
+                self._pass(out, buf, start, crlf)
+                self._skip = max(0, start - crlf)
+                self._tail = buf[crlf:]
+                self._check(data)
+                return self._result(out), None
+            self._pass(out, buf, start, dot)  # 4.5.2: drop the leading dot
+            start = pos = dot + 1
+        hold = 2 if buf.endswith(b"\r\n") else 1 if buf.endswith(b"\r") else 0
+        cut = max(start, len(buf) - hold)
+        self._pass(out, buf, start, cut)
+        self._skip = max(0, start - cut)
+        self._tail = buf[cut:]
+        self._check(data)
+        return self._result(out), None
+
+    def _pass(self, out: list[bytes], buf: bytes, start: int, end: int) -> None:
+        if end > start:
+            self.size += end - start
+            if self.error is None:
+                out.append(buf[start:end])
+
+    def _check(self, raw: bytes) -> None:
+        if self.error is None:
+            if self.size > self._max_size:
+                self.error = R.R552_TOO_BIG  # RFC 1870 6.3
+            else:
+                self.error = self.checker.feed(raw)
+
+    def _result(self, out: list[bytes]) -> list[bytes]:
+        return out if self.error is None else []
+
+    def finish(self) -> Reply | None:
+        """Called once the end marker has been seen: the final verdict on content."""
+        if self.error is None:
+            self.error = self.checker.finish()
+        return self.error
+
+
+class BdatReceiver:
+    """One BDAT chunk: exactly *size* raw octets, binary-safe (RFC 3030 2).
+
+    The chunk is consumed even when the command was refused (``discard``): the client
+    sends it without waiting, and reading it as commands would be command injection.
+    """
+
+    __slots__ = ("discard", "remaining")
+
+    def __init__(self, size: int, *, discard: bool = False) -> None:
+        self.remaining = size
+        self.discard = discard
+
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        """The part of *data* that belongs to this chunk, and how much of it was taken."""
+        take = min(self.remaining, len(data))
+        self.remaining -= take
+        if self.discard:
+            return _EMPTY, take
+        return (data if take == len(data) else data[:take]), take
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0

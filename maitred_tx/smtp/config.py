@@ -1,0 +1,94 @@
+"""Configuration of the pure core: limits and policy, with secure defaults.
+
+Every default names its precedent (an RFC minimum or what Postfix ships) so that a
+change to one is a deliberate decision, not a guess.  Anything that widens what the
+server accepts (relaying, bigger limits, bare line endings) must be asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["BareLineEndings", "Config", "Limits"]
+
+
+class BareLineEndings(enum.Enum):
+    """What to do with a bare CR or bare LF inside a message body.
+
+    Neither ever ends the message or ends DATA mode: only CRLF.CRLF does (RFC 5321
+    4.1.1.4), whatever this says.  ``REJECT`` (the default) refuses such a message after
+    its end with 550 5.6.0 so that no downstream MTA that treats a bare LF as a line end
+    can be fed a smuggled second message (the CVE-2023-51764 family; Postfix 3.9's
+    ``smtpd_forbid_bare_newline = reject``).  ``ACCEPT`` stores the bytes as sent.
+    """
+
+    REJECT = "reject"
+    ACCEPT = "accept"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one peer may make the server hold or do."""
+
+    # RFC 5321 4.5.3.1.4 sets 512 octets; RFC 1869 lets extensions add to it (ORCPT,
+    # ENVID, AUTH=).  Postfix's line_length_limit is 2048.
+    max_command_line: int = 2048
+    # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including CRLF.  Exim
+    # rejects longer lines by default (message_linelength_limit 998) as we do.
+    max_text_line: int = 1000
+    # Postfix header_size_limit is 102400; one header block larger than this is abuse.
+    max_header_block: int = 102_400
+    # RFC 5321 4.5.3.1.8 requires at least 100; Postfix smtpd_recipient_limit is 1000.
+    max_recipients: int = 1000
+    # Postfix message_size_limit is 10240000.  Advertised in EHLO SIZE (RFC 1870).
+    max_message_size: int = 10_240_000
+    # Postfix smtpd_hard_error_limit is 20 and soft limit 10; we close at the soft one.
+    max_errors: int = 10
+    # RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+    command_timeout: float = 300.0
+    # RFC 5321 4.5.3.2.5/6 allow 3 and 10 minutes between data blocks; Postfix uses 300s.
+    data_timeout: float = 300.0
+    # A whole session may not last longer than this (Postfix smtpd_per_request_deadline
+    # is the idea; no RFC sets one).  Ends slow-drip sessions that reset the idle timer.
+    session_deadline: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.max_recipients < 100:
+            raise ValueError("max_recipients must be at least 100 (RFC 5321 4.5.3.1.8)")
+        if self.max_command_line < 512:
+            raise ValueError("max_command_line must be at least 512 (RFC 5321 4.5.3.1.4)")
+        if self.max_text_line < 1000:
+            raise ValueError("max_text_line must be at least 1000 (RFC 5321 4.5.3.1.6)")
+        for name in ("max_header_block", "max_message_size", "max_errors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        for name in ("command_timeout", "data_timeout", "session_deadline"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the pure core needs to decide; one object, secure defaults.
+
+    ``local_domains`` are the domains mail is accepted for.  ``relay`` = True accepts
+    mail for every domain: an open relay unless the listener is protected otherwise.
+    """
+
+    hostname: str = "localhost"
+    local_domains: frozenset[str] = frozenset({"localhost"})
+    limits: Limits = field(default_factory=Limits)
+    bare_line_endings: BareLineEndings = BareLineEndings.REJECT
+    relay: bool = False
+    lmtp: bool = False
+
+    def __post_init__(self) -> None:
+        from maitred_tx.smtp.address import normalize_domain
+
+        domains = frozenset(normalize_domain(d) for d in self.local_domains)
+        object.__setattr__(self, "local_domains", domains)
+
+    def is_local_domain(self, domain: str) -> bool:
+        """True when *domain* (already normalised by the address parser) is ours."""
+        return domain in self.local_domains

@@ -1,0 +1,143 @@
+"""The reply catalogue: the only place where reply text lives.
+
+Every reply carries its RFC 5321 basic code and, where RFC 3463 / RFC 5248 define one,
+its enhanced status code.  The enhanced code is sent only once the client has greeted
+with EHLO or LHLO (RFC 2034 section 3); the greeting and the EHLO reply never carry one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Final
+
+__all__ = ["Reply"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply: basic code, optional enhanced status code, one or more text lines."""
+
+    code: int
+    status: str | None
+    text: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"bad reply code {self.code}")
+        if self.status is not None and self.status[0] != str(self.code)[0]:
+            # RFC 3463 section 2: the class digits must agree.
+            raise ValueError(f"enhanced code {self.status} does not match {self.code}")
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def with_text(self, *text: str) -> Reply:
+        """The same codes with other text (the delivery may choose its own wording)."""
+        return replace(self, text=tuple(text) or self.text)
+
+    def format(self, **fields: str) -> Reply:
+        """Fill ``{name}`` placeholders of the catalogue text."""
+        return replace(self, text=tuple(t.format(**fields) for t in self.text))
+
+    def encode(self, enhanced: bool = True) -> bytes:
+        """Wire form, CRLF-terminated; multi-line replies use ``code-`` continuation."""
+        prefix = f"{self.status} " if enhanced and self.status else ""
+        lines = self.text or ("",)
+        last = len(lines) - 1
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == last else "-"
+            # A reply line is never allowed to carry a line break of its own.
+            clean = line.replace("\r", " ").replace("\n", " ")
+            out.append(f"{self.code}{sep}{prefix}{clean}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+
+def _r(code: int, status: str | None, *text: str) -> Reply:
+    return Reply(code, status, tuple(text))
+
+
+# --- 2xx -------------------------------------------------------------------------------
+R220_GREETING: Final = _r(220, None, "{hostname} ESMTP maitred_tx")
+R220_LMTP_GREETING: Final = _r(220, None, "{hostname} LMTP maitred_tx")
+R221_BYE: Final = _r(221, "2.0.0", "Bye")
+R250_HELO: Final = _r(250, None, "{hostname}")
+R250_OK: Final = _r(250, "2.0.0", "OK")
+R250_SENDER_OK: Final = _r(250, "2.1.0", "Sender OK")
+R250_RCPT_OK: Final = _r(250, "2.1.5", "Recipient OK")
+R250_RESET: Final = _r(250, "2.0.0", "Reset OK")
+R250_QUEUED: Final = _r(250, "2.0.0", "OK: message accepted")
+R250_CHUNK_OK: Final = _r(250, "2.0.0", "{size} octets received")
+R252_CANNOT_VRFY: Final = _r(
+    252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"
+)
+R214_HELP: Final = _r(
+    214,
+    "2.0.0",
+    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY",
+    "See RFC 5321",
+)
+R354_START_DATA: Final = _r(354, None, "End data with <CR><LF>.<CR><LF>")
+
+# --- 4xx -------------------------------------------------------------------------------
+R421_SHUTTING_DOWN: Final = _r(421, "4.3.2", "{hostname} Service shutting down")
+R421_TIMEOUT: Final = _r(421, "4.4.2", "{hostname} Timeout, closing connection")
+R421_SESSION_TOO_LONG: Final = _r(421, "4.4.2", "{hostname} Session too long, closing")
+R421_TOO_MANY_ERRORS: Final = _r(421, "4.7.0", "{hostname} Too many errors, closing")
+R421_HEADER_TOO_BIG: Final = _r(421, "4.7.0", "{hostname} Header block too large, closing")
+R451_LOCAL_ERROR: Final = _r(451, "4.3.0", "Local error in processing, try again later")
+R451_DELIVERY_FAILED: Final = _r(451, "4.3.0", "Could not store message, try again later")
+R452_TOO_MANY_RCPTS: Final = _r(452, "4.5.3", "Too many recipients")
+R452_NO_STORAGE: Final = _r(452, "4.3.1", "Insufficient system storage")
+
+# --- 5xx: syntax and sequence ----------------------------------------------------------
+R500_UNKNOWN_COMMAND: Final = _r(500, "5.5.2", "Command unrecognized")
+R500_LINE_TOO_LONG: Final = _r(500, "5.5.2", "Command line too long")
+R500_BARE_LF: Final = _r(500, "5.5.2", "Command line must end with <CR><LF>")
+R500_BAD_CHARACTER: Final = _r(500, "5.5.2", "Command line contains invalid characters")
+R501_SYNTAX: Final = _r(501, "5.5.4", "Syntax error in parameters or arguments")
+R501_HELO_SYNTAX: Final = _r(501, "5.5.4", "Syntax: {verb} <domain or address literal>")
+R501_MAIL_SYNTAX: Final = _r(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+R501_RCPT_SYNTAX: Final = _r(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+R501_PATH_SYNTAX: Final = _r(501, "5.1.7", "Bad address syntax")
+R501_RCPT_PATH_SYNTAX: Final = _r(501, "5.1.3", "Bad recipient address syntax")
+R501_NO_ARGUMENTS: Final = _r(501, "5.5.4", "{verb} takes no arguments")
+R501_BDAT_SYNTAX: Final = _r(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
+R501_BAD_PARAM_VALUE: Final = _r(501, "5.5.4", "Bad value for parameter {keyword}")
+R501_DUPLICATE_PARAM: Final = _r(501, "5.5.4", "Parameter {keyword} given twice")
+R502_NOT_IMPLEMENTED: Final = _r(502, "5.5.1", "Command not implemented")
+R502_EXPN_DISABLED: Final = _r(502, "5.5.1", "EXPN is disabled")
+R503_BAD_SEQUENCE: Final = _r(503, "5.5.1", "Bad sequence of commands")
+R503_NEED_HELO: Final = _r(503, "5.5.1", "Send EHLO or HELO first")
+R503_NEED_LHLO: Final = _r(503, "5.5.1", "Send LHLO first")
+R503_NESTED_MAIL: Final = _r(503, "5.5.1", "Sender already specified")
+R503_NEED_MAIL: Final = _r(503, "5.5.1", "Need MAIL command first")
+R503_NEED_RCPT: Final = _r(503, "5.5.1", "Need RCPT command first")
+R503_DATA_AFTER_BDAT: Final = _r(503, "5.5.1", "DATA not allowed after BDAT")
+R503_BINARYMIME_NEEDS_BDAT: Final = _r(503, "5.5.1", "BODY=BINARYMIME requires BDAT")
+R504_BAD_PARAM: Final = _r(504, "5.5.4", "Parameter not supported")
+R555_UNKNOWN_PARAM: Final = _r(555, "5.5.4", "Unsupported parameter {keyword}")
+
+# --- 5xx: policy and content -----------------------------------------------------------
+R550_RELAY_DENIED: Final = _r(550, "5.7.1", "Relaying denied")
+R550_NO_SUCH_USER: Final = _r(550, "5.1.1", "Recipient rejected")
+R550_SENDER_REJECTED: Final = _r(550, "5.7.1", "Sender rejected")
+R550_BARE_LINE_ENDING: Final = _r(550, "5.6.0", "Message contains a bare <CR> or <LF>")
+R552_TOO_BIG: Final = _r(552, "5.3.4", "Message size exceeds fixed limit")
+R552_HEADER_TOO_BIG: Final = _r(552, "5.3.4", "Message header block too large")
+R553_NEEDS_SMTPUTF8: Final = _r(
+    553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"
+)
+R554_NO_VALID_RCPTS: Final = _r(554, "5.5.1", "No valid recipients")
+R554_LINE_TOO_LONG: Final = _r(554, "5.6.0", "Message contains a line longer than {limit} octets")
+R554_TRANSACTION_FAILED: Final = _r(554, "5.0.0", "Transaction failed")
+R221_HTTP: Final = _r(221, "2.7.0", "Not an HTTP server, goodbye")

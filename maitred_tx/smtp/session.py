@@ -1,0 +1,604 @@
+"""ServerSession: the whole server side of one SMTP or LMTP session, without I/O.
+
+Bytes go in with ``receive_data``; ``next_event`` hands out what the caller must act
+on; replies accumulate for ``data_to_send``.  Where the answer belongs to the
+application (accept this EHLO, sender, recipient, message?) the session emits an event
+and *waits*: ``next_event`` returns ``PAUSED`` until ``decide`` is called, so replies
+always leave in command order, however late a decision comes (RFC 2920 3.1; this is
+what twisted.mail gets wrong, twisted/twisted#8126).
+
+Everything a peer can get wrong ends here as a Reply; only misuse of this class by
+its caller raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from maitred_tx.smtp import replies as R
+from maitred_tx.smtp.address import Mailbox
+from maitred_tx.smtp.body import BdatReceiver, ContentChecker, DataReceiver
+from maitred_tx.smtp.commands import (
+    Bdat,
+    Command,
+    CommandError,
+    Data,
+    Ehlo,
+    Expn,
+    Helo,
+    Help,
+    HttpRequest,
+    Lhlo,
+    MailFrom,
+    Noop,
+    NotImplementedVerb,
+    Quit,
+    RcptTo,
+    Rset,
+    Vrfy,
+    parse_command,
+)
+from maitred_tx.smtp.config import Config
+from maitred_tx.smtp.params import BodyType, MailParams, RcptParams
+from maitred_tx.smtp.replies import Reply
+from maitred_tx.smtp.state import State, next_state, sequence_error
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "CloseConnection",
+    "Event",
+    "HelloReceived",
+    "MailReceived",
+    "MessageAborted",
+    "MessageComplete",
+    "MessageData",
+    "MessageStarted",
+    "RcptReceived",
+    "ServerSession",
+    "SessionInfo",
+    "Transaction",
+]
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")  # nothing to do until more bytes arrive
+PAUSED: Final = _Sentinel("PAUSED")  # waiting for decide(); stop reading meanwhile
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """Facts about the session that are not states (they do not gate commands alone)."""
+
+    helo: str | None = None  # the EHLO/HELO/LHLO argument, for Received: and logs
+    esmtp: bool = False  # EHLO/LHLO used: enhanced status codes are sent (RFC 2034)
+    lmtp: bool = False
+    tls: bool = False  # later: STARTTLS / implicit TLS
+    authenticated: str | None = None  # later: AUTH identity; allows relaying
+
+
+@dataclass(slots=True)
+class Transaction:
+    """The envelope being built: sender, parameters, accepted recipients."""
+
+    sender: Mailbox | None
+    params: MailParams
+    recipients: list[tuple[Mailbox, RcptParams]] = field(default_factory=list)
+    chunked: bool = False  # the body came by BDAT
+    size: int = 0  # octets of body received (after dot-unstuffing)
+    started: bool = False  # MessageStarted has been emitted
+
+    @property
+    def smtputf8(self) -> bool:
+        return self.params.smtputf8
+
+    @property
+    def binary(self) -> bool:
+        return self.params.body is BodyType.BINARY_MIME
+
+
+class Event:
+    """Base of what next_event hands out."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived(Event):
+    """Decide: None accepts with the capability list; a Reply rejects."""
+
+    command: Ehlo | Helo | Lhlo
+
+
+@dataclass(frozen=True, slots=True)
+class MailReceived(Event):
+    """Decide: None gives 250 2.1.0; any Reply is sent as is."""
+
+    command: MailFrom
+
+
+@dataclass(frozen=True, slots=True)
+class RcptReceived(Event):
+    """Decide: None gives 250 2.1.5; a positive Reply accepts, others refuse."""
+
+    command: RcptTo
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStarted(Event):
+    """The body begins: open the sink.  No decision."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData(Event):
+    """Body bytes, in order, dot-unstuffed, binary-safe.  No decision."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete(Event):
+    """The body ended: deliver, then decide (SMTP) or decide_each (LMTP)."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAborted(Event):
+    """The started body will not complete (limit, RSET, ...): discard the sink."""
+
+    reply: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection(Event):
+    """Send what data_to_send() holds, then close."""
+
+
+_Receiver = DataReceiver | BdatReceiver
+
+
+class ServerSession:
+    """One session's protocol state; see the module docstring for the calling pattern."""
+
+    def __init__(self, config: Config, *, info: SessionInfo | None = None) -> None:
+        self.config = config
+        self.info = info or SessionInfo(lmtp=config.lmtp)
+        self.state = State.CONNECTED
+        self.transaction: Transaction | None = None
+        self.errors = 0
+        self._limits = config.limits
+        self._in: bytes = b""
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._pending: Command | None = None
+        self._receiver: _Receiver | None = None
+        self._checker: ContentChecker | None = None  # content checks across BDAT chunks
+        self._bdat: Bdat | None = None  # the accepted BDAT whose chunk is being read
+        self._chunk_reply: Reply | None = None  # the reply owed for a refused chunk
+        self._pos = 0  # command mode: how much of _in has been parsed
+        self._skip_line = False  # discarding the rest of an over-long command line
+        self._closing = False
+        self._closed = False
+        greeting = R.R220_LMTP_GREETING if config.lmtp else R.R220_GREETING
+        self._send(greeting.format(hostname=config.hostname))
+
+    # --- input and output ----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Store bytes from the peer; nothing is parsed until next_event."""
+        if not self._closing and data:
+            if self._pos:  # drop what has been parsed before appending (one copy per read)
+                self._in, self._pos = self._in[self._pos :], 0
+            self._in = self._in + data if self._in else data
+
+    def data_to_send(self) -> bytes:
+        """All replies produced so far, as one write."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def paused(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next thing to act on, NEED_DATA, or PAUSED while a decision is pending."""
+        while True:
+            if self._events:
+                return self._events.pop(0)
+            if self._closing:
+                if self._closed:
+                    return NEED_DATA
+                self._closed = True
+                return CloseConnection()
+            if self._pending is not None:
+                return PAUSED
+            if self._pos >= len(self._in):
+                self._in, self._pos = b"", 0
+                return NEED_DATA
+            if self._receiver is not None:
+                self._feed_body()
+            elif not self._read_command():
+                return NEED_DATA
+
+    # --- decisions -----------------------------------------------------------------
+
+    def decide(self, reply: Reply | None = None) -> None:
+        """Answer the pending Hello/Mail/Rcpt/MessageComplete event."""
+        command = self._pending
+        if command is None:
+            raise RuntimeError("decide() without a pending decision")
+        self._pending = None
+        if self._closing:
+            return
+        if isinstance(command, (Ehlo, Helo, Lhlo)):
+            self._decided_hello(command, reply)
+        elif isinstance(command, MailFrom):
+            self._decided_mail(command, reply)
+        elif isinstance(command, RcptTo):
+            self._decided_rcpt(command, reply)
+        else:
+            self._decided_message([reply or R.R250_QUEUED])
+
+    def decide_each(self, replies: Sequence[Reply]) -> None:
+        """LMTP (RFC 2033 4.2): one reply per accepted recipient, in RCPT order."""
+        if self._pending is None or not isinstance(self._pending, (Data, Bdat)):
+            raise RuntimeError("decide_each() without a pending message")
+        txn = self.transaction
+        assert txn is not None
+        if len(replies) != len(txn.recipients):
+            raise ValueError("one reply per accepted recipient is required")
+        self._pending = None
+        if not self._closing:
+            self._decided_message(list(replies))
+
+    def timed_out(self) -> None:
+        """The caller's idle timer fired (RFC 5321 4.5.3.2.7)."""
+        self._close_with(R.R421_TIMEOUT)
+
+    def deadline_expired(self) -> None:
+        self._close_with(R.R421_SESSION_TOO_LONG)
+
+    def shutdown(self) -> None:
+        """The server is stopping: 421 4.3.2 (RFC 5321 3.8)."""
+        self._close_with(R.R421_SHUTTING_DOWN)
+
+    def connection_lost(self) -> None:
+        """The peer went away: abort a started body so the sink is discarded."""
+        self._abort_message(None)
+        self._closing = self._closed = True
+
+    # --- command mode ---------------------------------------------------------------
+
+    def _read_command(self) -> bool:
+        buf, pos = self._in, self._pos
+        nl = buf.find(b"\n", pos)
+        if self._skip_line:
+            if nl < 0:
+                self._in, self._pos = b"", 0
+                return False
+            self._skip_line = False
+            self._pos = nl + 1
+            return True
+        if nl < 0:
+            if len(buf) - pos > self._limits.max_command_line:  # no end in sight: drop it
+                self._in, self._pos = b"", 0
+                self._skip_line = True
+                self._error(R.R500_LINE_TOO_LONG)
+                return True
+            return False
+        self._pos = nl + 1
+        if nl + 1 - pos > self._limits.max_command_line:
+            self._error(R.R500_LINE_TOO_LONG)  # RFC 5321 4.5.3.1.4
+        elif nl == pos or buf[nl - 1] != 13:  # RFC 5321 2.3.8: lines end with CRLF
+            self._error(R.R500_BARE_LF)
+        else:
+            self._dispatch_line(buf[pos : nl - 1])
+        return True
+
+    def _dispatch_line(self, line: bytes) -> None:
+        try:
+            command = parse_command(line)
+        except CommandError as e:
+            self._error(e.reply)
+            if e.fatal:
+                self._closing = True
+            return
+        self._dispatch(command)
+
+    def _dispatch(self, command: Command) -> None:
+        lmtp = self.info.lmtp
+        if next_state(lmtp, self.state, command) is None:
+            if isinstance(command, Bdat):  # the chunk follows regardless: swallow it
+                self._start_chunk(command, discard=True, reply=sequence_error(lmtp, self.state, command))
+                return
+            self._error(sequence_error(lmtp, self.state, command))
+            return
+        handler = _HANDLERS.get(type(command))
+        if handler is None:
+            raise RuntimeError(f"no handler for {command!r}")  # a table/handler mismatch
+        handler(self, command)
+
+    def _on_hello(self, command: Ehlo | Helo | Lhlo) -> None:
+        self._wait(command, HelloReceived(command))
+
+    def _on_mail(self, command: MailFrom) -> None:
+        params = command.params
+        if params.size is not None and params.size > self._limits.max_message_size:
+            self._error(R.R552_TOO_BIG)  # RFC 1870 6.2
+        elif command.sender is not None and command.sender.is_utf8 and not params.smtputf8:
+            self._error(R.R553_NEEDS_SMTPUTF8)  # RFC 6531 3.4
+        else:
+            self._wait(command, MailReceived(command))
+
+    def _on_rcpt(self, command: RcptTo) -> None:
+        txn = self.transaction
+        assert txn is not None
+        rcpt = command.recipient
+        if len(txn.recipients) >= self._limits.max_recipients:
+            self._send(R.R452_TOO_MANY_RCPTS)  # RFC 5321 4.5.3.1.10; not a peer error
+        elif rcpt.is_utf8 and not txn.smtputf8:
+            self._error(R.R553_NEEDS_SMTPUTF8)
+        elif not self._may_relay() and (rcpt.has_relay_syntax or not self._is_local(rcpt)):
+            self._error(R.R550_RELAY_DENIED)
+        else:
+            self._wait(command, RcptReceived(command, txn))
+
+    def _on_data(self, command: Data) -> None:
+        txn = self.transaction
+        assert txn is not None
+        if txn.binary:
+            self._error(R.R503_BINARYMIME_NEEDS_BDAT)  # RFC 3030 3
+            return
+        self._start_message(txn)
+        self._send(R.R354_START_DATA)
+        receiver = DataReceiver(self._limits, self.config.bare_line_endings)
+        self._receiver = receiver
+        self._bdat = None
+
+    def _on_bdat(self, command: Bdat) -> None:
+        txn = self.transaction
+        assert txn is not None
+        if txn.size + command.size > self._limits.max_message_size:
+            self._start_chunk(command, discard=True, reply=R.R552_TOO_BIG, abort=True)
+            return
+        if not txn.started:
+            self._start_message(txn)
+            txn.chunked = True
+            self._checker = ContentChecker(
+                self._limits, self.config.bare_line_endings, text=not txn.binary
+            )
+        self._start_chunk(command, discard=False, reply=None)
+
+    def _on_rset(self, command: Rset) -> None:
+        self._end_transaction(None)
+        self._send(R.R250_RESET)
+
+    def _on_quit(self, command: Quit) -> None:
+        self._end_transaction(None)
+        self._send(R.R221_BYE)
+        self._closing = True
+
+    def _on_simple(self, command: Command) -> None:
+        if isinstance(command, Vrfy):
+            self._send(R.R252_CANNOT_VRFY)  # RFC 5321 3.5.3: never confirms an address
+        elif isinstance(command, Expn):
+            self._error(R.R502_EXPN_DISABLED)  # 7.3: lists are not disclosed
+        elif isinstance(command, Help):
+            self._send(R.R214_HELP)
+        elif isinstance(command, NotImplementedVerb):
+            self._error(R.R502_NOT_IMPLEMENTED)
+        elif isinstance(command, HttpRequest):
+            self._close_with(R.R221_HTTP)
+        else:
+            self._send(R.R250_OK)  # NOOP
+
+    # --- decisions applied -------------------------------------------------------------
+
+    def _wait(self, command: Command, event: Event) -> None:
+        self._pending = command
+        self._events.append(event)
+
+    def _decided_hello(self, command: Ehlo | Helo | Lhlo, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_positive:
+            self._error(reply)
+            return
+        self._end_transaction(None)
+        esmtp = not isinstance(command, Helo)
+        self.info = replace(self.info, helo=command.domain, esmtp=esmtp)
+        self.state = State.GREETED
+        self._send(reply or self._hello_reply(esmtp))
+
+    def _hello_reply(self, esmtp: bool) -> Reply:
+        host = self.config.hostname
+        if not esmtp:
+            return R.R250_HELO.format(hostname=host)
+        lines = (host, *self.capabilities())
+        return Reply(250, None, lines)
+
+    def capabilities(self) -> tuple[str, ...]:
+        """The EHLO keywords; each one is implemented, not just advertised."""
+        return (
+            "PIPELINING",  # RFC 2920
+            f"SIZE {self._limits.max_message_size}",  # RFC 1870
+            "8BITMIME",  # RFC 6152
+            "BINARYMIME",  # RFC 3030
+            "CHUNKING",  # RFC 3030
+            "SMTPUTF8",  # RFC 6531
+            "ENHANCEDSTATUSCODES",  # RFC 2034
+            "DSN",  # RFC 3461
+        )
+
+    def _decided_mail(self, command: MailFrom, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_positive:
+            self._error(reply)
+            return
+        self.transaction = Transaction(command.sender, command.params)
+        self.state = State.MAIL
+        self._send(reply or R.R250_SENDER_OK)
+
+    def _decided_rcpt(self, command: RcptTo, reply: Reply | None) -> None:
+        if reply is not None and not reply.is_positive:
+            self._error(reply)
+            return
+        txn = self.transaction
+        assert txn is not None
+        txn.recipients.append((command.recipient, command.params))
+        self.state = State.RCPT
+        self._send(reply or R.R250_RCPT_OK)
+
+    def _decided_message(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            self._send(reply)
+        self.transaction = None
+        self.state = State.GREETED
+
+    # --- body mode ---------------------------------------------------------------------
+
+    def _start_message(self, txn: Transaction) -> None:
+        txn.started = True
+        self._events.append(MessageStarted(txn))
+
+    def _start_chunk(
+        self, command: Bdat, *, discard: bool, reply: Reply | None, abort: bool = False
+    ) -> None:
+        if abort:
+            self._end_transaction(reply)
+        self._bdat = command if reply is None else None
+        self._chunk_reply = reply
+        self._receiver = BdatReceiver(command.size, discard=discard)
+        if command.size == 0:
+            self._chunk_done()
+
+    def _feed_body(self) -> None:
+        receiver = self._receiver
+        data = self._in[self._pos :] if self._pos else self._in
+        self._pos = 0
+        if isinstance(receiver, DataReceiver):
+            pieces, end = receiver.feed(data)
+            self._in = data[end:] if end is not None else b""
+            txn = self.transaction
+            assert txn is not None
+            txn.size = receiver.size
+            self._events.extend(MessageData(p) for p in pieces)
+            if end is not None:
+                self._receiver = None
+                self._body_done(receiver.finish())
+            return
+        assert receiver is not None
+        piece, taken = receiver.feed(data)
+        self._in = data[taken:]
+        if piece:
+            self._chunk_data(piece)
+        if receiver.done:
+            self._chunk_done()
+
+    def _chunk_data(self, piece: bytes) -> None:
+        txn, checker = self.transaction, self._checker
+        assert txn is not None and checker is not None
+        txn.size += len(piece)
+        if checker.error is None and checker.feed(piece) is None:
+            self._events.append(MessageData(piece))
+
+    def _chunk_done(self) -> None:
+        self._receiver = None
+        command, reply = self._bdat, self._chunk_reply
+        if command is None:  # a refused chunk, now swallowed
+            if reply is not None:
+                self._error(reply)
+            return
+        checker = self._checker
+        assert checker is not None
+        self.state = State.BDAT
+        if checker.error is not None:
+            self._body_done(checker.error)
+        elif command.last:
+            self._body_done(checker.finish())
+        else:
+            self._send(R.R250_CHUNK_OK.format(size=str(command.size)))
+
+    def _body_done(self, error: Reply | None) -> None:
+        """The whole body is in: an error ends the transaction, else ask for delivery."""
+        txn = self.transaction
+        assert txn is not None
+        if error is not None:
+            self._end_transaction(error)
+            self._error(error)
+            return
+        self._wait(self._bdat or Data(), MessageComplete(txn))
+
+    def _end_transaction(self, reply: Reply | None) -> None:
+        self._abort_message(reply)
+        self.transaction = None
+        self._checker = None
+        if self.state is not State.CONNECTED:
+            self.state = State.GREETED
+
+    def _abort_message(self, reply: Reply | None) -> None:
+        txn = self.transaction
+        if txn is not None and txn.started:
+            txn.started = False
+            self._events.append(MessageAborted(reply))
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _may_relay(self) -> bool:
+        return self.config.relay or self.info.authenticated is not None
+
+    def _is_local(self, mailbox: Mailbox) -> bool:
+        # RFC 5321 4.5.1: <Postmaster> without a domain is always ours.
+        return mailbox.domain == "" or self.config.is_local_domain(mailbox.domain)
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(reply.encode(self.info.esmtp))
+
+    def _error(self, reply: Reply) -> None:
+        """Send a negative reply and count it; too many ends the session (421 4.7.0)."""
+        self._send(reply)
+        self.errors += 1
+        if self.errors >= self._limits.max_errors and not self._closing:
+            self._close_with(R.R421_TOO_MANY_ERRORS)
+
+    def _close_with(self, reply: Reply) -> None:
+        if self._closing:
+            return
+        self._abort_message(None)
+        self._send(reply.format(hostname=self.config.hostname))
+        self._closing = True
+        self._in, self._pos = b"", 0
+
+
+_HANDLERS: Final = {
+    Ehlo: ServerSession._on_hello,
+    Helo: ServerSession._on_hello,
+    Lhlo: ServerSession._on_hello,
+    MailFrom: ServerSession._on_mail,
+    RcptTo: ServerSession._on_rcpt,
+    Data: ServerSession._on_data,
+    Bdat: ServerSession._on_bdat,
+    Rset: ServerSession._on_rset,
+    Quit: ServerSession._on_quit,
+    **{
+        c: ServerSession._on_simple
+        for c in (Noop, Vrfy, Expn, Help, NotImplementedVerb, HttpRequest)
+    },
+}
