@@ -44,13 +44,9 @@ PIPELINED_CODES: tuple[tuple[int, ...], ...] = ((250,), (250, 251), (354,))
 class SMTPReplyError(Exception):
     """The server answered with a code other than the one the client expected."""
 
-    def __init__(
-        self, stage: str, expected: tuple[int, ...], code: int, text: bytes
-    ) -> None:
+    def __init__(self, stage: str, expected: tuple[int, ...], code: int, text: bytes) -> None:
         shown = text.decode("latin-1").strip()[:120]
-        super().__init__(
-            f"{stage}: expected {'/'.join(map(str, expected))}, got {code} {shown}"
-        )
+        super().__init__(f"{stage}: expected {'/'.join(map(str, expected))}, got {code} {shown}")
 
 
 # --------------------------------------------------------------------------- messages
@@ -151,9 +147,7 @@ class LoadResult:
 class Session:
     """One client connection.  Methods raise on any unexpected reply or a lost peer."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.extensions: dict[str, str] = {}
@@ -203,9 +197,7 @@ class Session:
 
     def _envelope(self, message: Message) -> bytes:
         size = f" SIZE={len(message.raw)}" if "SIZE" in self.extensions else ""
-        return f"MAIL FROM:<{SENDER}>{size}\r\nRCPT TO:<{RECIPIENT}>\r\n".encode(
-            "ascii"
-        )
+        return f"MAIL FROM:<{SENDER}>{size}\r\nRCPT TO:<{RECIPIENT}>\r\n".encode("ascii")
 
     async def _write(self, payload: bytes) -> None:
         if len(payload) <= LARGE_WRITE:
@@ -290,9 +282,7 @@ async def _messages_on_one_connection(
             session = await Session.open(HOST, port)
             result.connections_ok += 1
             if bdat and not session.chunking:
-                raise RuntimeError(
-                    "BDAT asked for but the server does not advertise CHUNKING"
-                )
+                raise RuntimeError("BDAT asked for but the server does not advertise CHUNKING")
             send = session.send_bdat if bdat else session.send_data
             for _ in range(count):
                 await send(message)
@@ -331,9 +321,7 @@ async def run_connections(
     cpu0, start = time.process_time(), time.perf_counter()
     await asyncio.gather(
         *(
-            _messages_on_one_connection(
-                port, message, per_connection, bdat, result, deadline
-            )
+            _messages_on_one_connection(port, message, per_connection, bdat, result, deadline)
             for _ in range(connections)
         )
     )
@@ -482,9 +470,7 @@ def run_smtp_source(
             result.error("smtp-source did not finish before the deadline")
     result.elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result.client_cpu = (after.ru_utime - before.ru_utime) + (
-        after.ru_stime - before.ru_stime
-    )
+    result.client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     counts = re.findall(rb"(\d+)", out)
     result.ok = min(int(counts[-1]), messages) if counts else 0
     result.payload_bytes = result.ok * size

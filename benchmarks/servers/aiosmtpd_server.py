@@ -54,9 +54,7 @@ async def serve(port: int, stats: Path | None) -> None:
     await stop.wait()
     server.close()
     if stats is not None:
-        stats.write_text(
-            json.dumps({"messages": handler.messages, "bytes": handler.bytes})
-        )
+        stats.write_text(json.dumps({"messages": handler.messages, "bytes": handler.bytes}))
 
 
 def main() -> None:

@@ -90,9 +90,7 @@ def main() -> None:
     counter = Counter()
     tcp: Any = reactor
     assert IReactorTCP.providedBy(tcp) and IReactorCore.providedBy(tcp)
-    tcp.listenTCP(
-        args.port, DeliveryFactory(counter), backlog=1024, interface="127.0.0.1"
-    )
+    tcp.listenTCP(args.port, DeliveryFactory(counter), backlog=1024, interface="127.0.0.1")
 
     stopping = False
 

@@ -166,9 +166,7 @@ def _collect(text: str, known: frozenset[str]) -> dict[str, str | None]:
 
 def _is_esmtp_value(value: str) -> bool:
     """RFC 5321 4.1.2 esmtp-value = 1*(%d33-60 / %d62-126); RFC 6531 3.3 adds UTF-8."""
-    return bool(value) and all(
-        (33 <= ord(c) <= 126 and c != "=") or ord(c) >= 0xA0 for c in value
-    )
+    return bool(value) and all((33 <= ord(c) <= 126 and c != "=") or ord(c) >= 0xA0 for c in value)
 
 
 def _convert(

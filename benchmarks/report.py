@@ -1,0 +1,256 @@
+"""Turning samples into Markdown: medians with min-max, ratios to peers, targets.
+
+Ratio columns read "how many times better than the peer" from medians of the same run:
+throughput is this ÷ peer, costs (CPU, memory) are peer ÷ this, so > 1 always means
+better.  Targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from scenarios import Counts, Sample, Variant
+from serverproc import PEERS
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    label: str
+    fmt: str
+    higher_is_better: bool
+    ratio: str = ""  # short name for the ratio columns; empty: no ratio columns
+
+
+METRICS: dict[str, tuple[Metric, ...]] = {
+    "messages": (
+        Metric("msgs_per_s", "msgs/s", "{:.0f}", True, "msgs/s"),
+        Metric("server_cpu_us_per_msg", "server CPU µs/msg", "{:.0f}", False, "CPU"),
+        Metric("client_cpu_us_per_msg", "client CPU µs/msg", "{:.0f}", False),
+    ),
+    "large": (
+        Metric("mib_per_s", "MiB/s", "{:.1f}", True, "MiB/s"),
+        Metric("server_cpu_ms_per_mib", "server CPU ms/MiB", "{:.1f}", False, "CPU"),
+        Metric("peak_rss_growth_mib", "peak RSS growth MiB", "{:.2f}", False),
+    ),
+    "idle": (
+        Metric("rss_per_conn_kib", "RSS KiB/conn", "{:.2f}", False, "RSS"),
+        Metric("conns_per_s", "connections/s", "{:.0f}", True),
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    median: float
+    low: float
+    high: float
+    n: int
+
+
+Summary = dict[tuple[str, str], dict[str, Stat]]
+
+
+def summarize(samples: Iterable[Sample]) -> Summary:
+    """Median, min and max of every metric per (variant, server) over repetitions."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for sample in samples:
+        if sample.skipped is not None:
+            continue
+        per = values.setdefault((sample.variant, sample.server), {})
+        for key, value in sample.metrics.items():
+            per.setdefault(key, []).append(value)
+    return {
+        where: {
+            key: Stat(statistics.median(vs), min(vs), max(vs), len(vs))
+            for key, vs in metrics.items()
+        }
+        for where, metrics in values.items()
+    }
+
+
+def _cell(stat: Stat | None, fmt: str) -> str:
+    if stat is None:
+        return "—"
+    if stat.n == 1 or stat.low == stat.high:
+        return fmt.format(stat.median)
+    return f"{fmt.format(stat.median)} ({fmt.format(stat.low)}-{fmt.format(stat.high)})"
+
+
+def advantage(mine: float, peer: float, higher_is_better: bool) -> float | None:
+    """How many times better ``mine`` is than ``peer`` (> 1 = better)."""
+    if higher_is_better:
+        return mine / peer if peer > 0 else None
+    return peer / mine if mine > 0 else None
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return lines
+
+
+def variant_table(
+    variant: Variant,
+    counts: Counts,
+    servers: Sequence[str],
+    summary: Summary,
+    samples: Sequence[Sample],
+) -> list[str]:
+    metrics = METRICS[variant.kind]
+    peers = [p for p in PEERS if (variant.key, p) in summary]
+    head = ["server", *(m.label for m in metrics)]
+    head += [f"{m.ratio} vs {p}" for m in metrics if m.ratio for p in peers]
+    head.append("failed")
+    rows: list[list[str]] = [head]
+    for server in servers:
+        mine = [s for s in samples if s.variant == variant.key and s.server == server]
+        if not mine:
+            continue
+        skipped = next((s.skipped for s in mine if s.skipped), None)
+        stats = summary.get((variant.key, server), {})
+        if skipped is not None:
+            rows.append([server, f"skipped: {skipped}"] + [""] * (len(head) - 2))
+            continue
+        row = [server, *(_cell(stats.get(m.key), m.fmt) for m in metrics)]
+        for metric in (m for m in metrics if m.ratio):
+            for peer in peers:
+                ours = stats.get(metric.key)
+                theirs = summary[(variant.key, peer)].get(metric.key)
+                ratio = (
+                    advantage(ours.median, theirs.median, metric.higher_is_better)
+                    if ours and theirs
+                    else None
+                )
+                row.append("—" if ratio is None else f"{ratio:.2f}")
+        failures = sum(s.failed + s.session_errors + bool(s.errors) for s in mine)
+        row.append("0" if failures == 0 else f"**{failures}**")
+        rows.append(row)
+    title = variant.title.format(**_counts_fields(counts))
+    return [f"### {title} — generator: {variant.generator}", "", *_table(rows), ""]
+
+
+def _counts_fields(counts: Counts) -> dict[str, object]:
+    return dataclasses.asdict(counts)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    label: str
+    variant: str
+    metric: str
+    required: float
+    higher_is_better: bool
+    peer: str | None = None  # None: absolute; "self:<variant>": our own other variant
+
+
+def targets_for(variants: Sequence[Variant]) -> list[Target]:
+    keys = {v.key for v in variants}
+    found: list[Target] = []
+    for key in ("b/py", "b/smtp-source"):
+        found += [
+            Target(f"({key}) server CPU/msg ≤ twisted-mail ÷ 2.5", key,
+                   "server_cpu_us_per_msg", 2.5, False, "twisted-mail"),
+            Target(f"({key}) server CPU/msg ≤ aiosmtpd ÷ 5", key,
+                   "server_cpu_us_per_msg", 5.0, False, "aiosmtpd"),
+        ]  # fmt: skip
+    found += [
+        Target("(c) DATA MiB/s ≥ 4x twisted-mail", "c/data", "mib_per_s", 4.0, True,
+               "twisted-mail"),
+        Target("(c) DATA MiB/s ≥ 10x aiosmtpd", "c/data", "mib_per_s", 10.0, True,
+               "aiosmtpd"),
+        Target("(c) BDAT MiB/s ≥ 2x our DATA", "c/bdat", "mib_per_s", 2.0, True,
+               "self:c/data"),
+        Target("(c) DATA peak RSS growth < 4 MiB", "c/data", "peak_rss_growth_mib", 4.0,
+               False),
+        Target("(c) BDAT peak RSS growth < 4 MiB", "c/bdat", "peak_rss_growth_mib", 4.0,
+               False),
+        Target("(d) RSS per idle connection ≤ 4 KiB", "d", "rss_per_conn_kib", 4.0,
+               False),
+    ]  # fmt: skip
+    speed = {"messages": "msgs_per_s", "large": "mib_per_s"}
+    for variant in variants:
+        if variant.kind in speed and variant.key != "c/bdat":
+            for peer in PEERS:
+                found.append(
+                    Target(f"({variant.key}) not slower than {peer}", variant.key,
+                           speed[variant.kind], 1.0, True, peer)
+                )  # fmt: skip
+    return [t for t in found if t.variant in keys]
+
+
+def evaluate(target: Target, server: str, summary: Summary) -> tuple[str, str]:
+    """(measured, PASS/MISS/n/a) for one target and one server."""
+    ours = summary.get((target.variant, server), {}).get(target.metric)
+    if ours is None:
+        return "—", "n/a"
+    if target.peer is None:
+        ok = (
+            ours.median >= target.required
+            if target.higher_is_better
+            else ours.median < target.required
+        )
+        return f"{ours.median:.2f}", "PASS" if ok else "MISS"
+    if target.peer.startswith("self:"):
+        base = summary.get((target.peer[5:], server), {}).get(target.metric)
+    else:
+        base = summary.get((target.variant, target.peer), {}).get(target.metric)
+    if base is None:
+        return "—", "n/a"
+    ratio = advantage(ours.median, base.median, target.higher_is_better)
+    if ratio is None:
+        return "—", "n/a"
+    return f"{ratio:.2f}x", "PASS" if ratio >= target.required else "MISS"
+
+
+def targets_table(
+    variants: Sequence[Variant], servers: Sequence[str], summary: Summary
+) -> list[str]:
+    ours = [s for s in servers if s not in PEERS]
+    if not ours:
+        return ["_No maitred_tx server was measured: targets not evaluated._", ""]
+    rows = [["target", "required", *(f"{s} measured" for s in ours), *ours]]
+    for target in targets_for(variants):
+        required = f"{'≥' if target.higher_is_better else '<'} {target.required:g}" + (
+            "" if target.peer is None else "x"
+        )
+        results = [evaluate(target, s, summary) for s in ours]
+        rows.append([target.label, required, *(m for m, _ in results), *(v for _, v in results)])
+    legend = (
+        "Ratios are from medians: throughput ours ÷ peer, costs peer ÷ ours "
+        "(so ≥ Nx means N times better)."
+    )
+    return [legend, "", *_table(rows), ""]
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_lines(command: str) -> list[str]:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    versions = []
+    for dist in ("twisted", "aiosmtpd"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} missing")
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} cores, Linux {platform.release()}, loopback only",
+        f"- Python {platform.python_version()}; {', '.join(versions)}",
+        f"- command: `{command}`",
+    ]

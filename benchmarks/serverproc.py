@@ -1,0 +1,270 @@
+"""Starting, watching and stopping the servers under test, each in its own process.
+
+Each server listens on 127.0.0.1 only.  The process started is the one that serves (no
+shell, no wrapper), so /proc/PID/stat's utime+stime is the server's CPU time and
+/proc/PID/status's VmRSS/VmHWM its memory.  maitred_tx runs through its twistd plugin
+(``twistd -n maitred ...``, the twistd process serves); the peers are the small scripts
+in ``servers/`` that print READY and report their message count at SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import loadgen
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+SERVERS_DIR = BENCH_DIR / "servers"
+MAX_SIZE = 64 * 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Run twistd from this very interpreter so that the PID we watch is the server itself.
+TWISTD_BOOT = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """How to start one server under test."""
+
+    name: str
+    description: str
+    argv: Callable[[int, Path], list[str]]
+    prints_ready: bool
+    is_maitred: bool = False
+    maildir: bool = False
+
+
+def _script(name: str) -> Callable[[int, Path], list[str]]:
+    def argv(port: int, workdir: Path) -> list[str]:
+        script = str(SERVERS_DIR / name)
+        stats = str(workdir / "stats.json")
+        return [sys.executable, script, "--port", str(port), "--stats", stats]
+
+    return argv
+
+
+def _maitred(*delivery: str) -> Callable[[int, Path], list[str]]:
+    def argv(port: int, workdir: Path) -> list[str]:
+        extra = [a.replace("{workdir}", str(workdir)) for a in delivery]
+        return [
+            sys.executable,
+            "-c",
+            TWISTD_BOOT,
+            "-n",
+            "--pidfile=",
+            "maitred",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            *extra,
+            "--max-size",
+            str(MAX_SIZE),
+            "--domain",
+            "localhost",
+        ]
+
+    return argv
+
+
+SERVERS: dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in (
+        ServerSpec(
+            "aiosmtpd",
+            "aiosmtpd SMTP(handler) counting bytes, discarding",
+            _script("aiosmtpd_server.py"),
+            prints_ready=True,
+        ),
+        ServerSpec(
+            "twisted-mail",
+            "twisted.mail.smtp ESMTP + accept-all IMessageDelivery, discarding",
+            _script("twisted_mail_server.py"),
+            prints_ready=True,
+        ),
+        ServerSpec(
+            "maitred",
+            "maitred_tx via twistd, --delivery discard",
+            _maitred("--delivery", "discard"),
+            prints_ready=False,
+            is_maitred=True,
+        ),
+        ServerSpec(
+            "maitred-maildir",
+            "maitred_tx via twistd, --delivery maildir",
+            _maitred("--delivery", "maildir", "--maildir", "{workdir}/Maildir"),
+            prints_ready=False,
+            is_maitred=True,
+            maildir=True,
+        ),
+    )
+}
+PEERS = ("aiosmtpd", "twisted-mail")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for servers: the repository on PYTHONPATH (for maitred_tx)."""
+    env = dict(os.environ)
+    paths = [str(REPO_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def maitred_unavailable(workdir: Path) -> str | None:
+    """Why maitred_tx cannot be benchmarked here, or None if it can."""
+    env = child_env()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import maitred_tx"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"`import maitred_tx` fails: {probe.stderr.strip().splitlines()[-1:]}"
+    helped = subprocess.run(
+        [sys.executable, "-c", TWISTD_BOOT, "--help"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if not re.search(r"^\s+maitred\b", helped.stdout, re.MULTILINE):
+        return "the twistd plugin `maitred` is missing (`twistd --help` does not list it)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerError(Exception):
+    """A server did not start, or died while being measured."""
+
+
+class RunningServer:
+    """One started server process and what /proc says about it."""
+
+    def __init__(self, spec: ServerSpec, workdir: Path) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.port = free_port()
+        self.log_path = workdir / "server.log"
+        self.extensions: dict[str, str] = {}
+        if spec.maildir:
+            for sub in ("cur", "new", "tmp"):
+                (workdir / "Maildir" / sub).mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                spec.argv(self.port, workdir),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                env=child_env(),
+            )
+        self.pid = self.proc.pid
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait for READY (peers) and then for a greeting + EHLO on the port (all)."""
+        deadline = time.monotonic() + timeout
+        while self.spec.prints_ready and b"READY" not in self.log_path.read_bytes():
+            self._check_alive()
+            if time.monotonic() >= deadline:
+                raise ServerError(f"{self.spec.name}: no READY within {timeout:.0f}s")
+            time.sleep(0.02)
+        while True:
+            self._check_alive()
+            try:
+                self.extensions = asyncio.run(self._probe(deadline))
+                return
+            except (OSError, loadgen.SMTPReplyError, TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise ServerError(f"{self.spec.name}: not answering: {exc}") from exc
+                time.sleep(0.05)
+
+    async def _probe(self, deadline: float) -> dict[str, str]:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+            session = await loadgen.Session.open(loadgen.HOST, self.port)
+            await session.quit()
+            return session.extensions
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise ServerError(
+                f"{self.spec.name} exited with {self.proc.returncode}: {self.log_tail()}"
+            )
+
+    def log_tail(self, chars: int = 600) -> str:
+        try:
+            return self.log_path.read_bytes()[-chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+
+    def message_count(self) -> int | None:
+        """Messages the server says it received (peers' stats, maildir files) or None."""
+        stats = self.workdir / "stats.json"
+        if stats.exists():
+            count: int = json.loads(stats.read_text())["messages"]
+            return count
+        if self.spec.maildir:
+            root = self.workdir / "Maildir"
+            return sum(
+                1 for p in root.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")
+            )
+        return None
+
+    # ------------------------------------------------------------------ /proc
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process (all its threads), in seconds."""
+        raw = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def status_kib(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise ServerError(f"no {key} in /proc/{self.pid}/status")
+
+    def rss_kib(self) -> int:
+        return self.status_kib("VmRSS")
+
+    def reset_peak(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0, needs to own the process)."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,24 @@
+"""Calling application code that may answer now, with a Deferred, or with a coroutine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from inspect import isawaitable
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+
+__all__ = ["call"]
+
+
+def call(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Always a Deferred; an exception raised or a failed awaitable becomes its failure."""
+    try:
+        result = fn(*args)
+    except Exception:
+        return fail()
+    if isinstance(result, Deferred):
+        return result
+    if isawaitable(result):
+        return ensureDeferred(result)
+    return succeed(result)

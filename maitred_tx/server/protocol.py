@@ -1,0 +1,306 @@
+"""The Twisted protocol: bytes from the transport into the pure session, events out to
+the Policy, replies back in one write per batch.
+
+Reading is paused while any decision or a slow sink is pending, so pipelined commands
+are answered strictly in order and a slow delivery pushes back on the sender instead
+of filling memory.  Bodies are never split into lines here (nor in the core).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from maitred_tx.envelope import SessionContext
+from maitred_tx.server.policy import Policy, new_id, smtp_reply
+from maitred_tx.smtp.config import Config
+from maitred_tx.smtp.replies import Reply
+from maitred_tx.smtp.commands import Helo
+from maitred_tx.smtp.session import (
+    NEED_DATA,
+    PAUSED,
+    CloseConnection,
+    Event,
+    HelloReceived,
+    MailReceived,
+    MessageAborted,
+    MessageComplete,
+    MessageData,
+    MessageStarted,
+    RcptReceived,
+    ServerSession,
+    SessionInfo,
+    Transaction,
+)
+
+if TYPE_CHECKING:
+    from maitred_tx.server.factory import SMTPFactory
+
+__all__ = ["SMTPServerProtocol"]
+
+_log = Logger()
+
+
+class SMTPServerProtocol(Protocol):
+    """One SMTP/LMTP connection.  Built by SMTPFactory; not meant to be subclassed."""
+
+    factory: SMTPFactory
+
+    def __init__(self, config: Config, delivery: Any, clock: IReactorTime) -> None:
+        self.config = config
+        self._delivery = delivery
+        self._clock = clock
+        self.session: ServerSession | None = None
+        self.policy: Policy | None = None
+        self._waiting = 0  # decisions or sink writes in flight: reading is paused
+        self._reading_paused = False
+        self._driving = False
+        self._sink: Any = None
+        self._message_id = ""
+        self._txn: Transaction | None = None  # the transaction whose body is open
+        self._message_started = 0.0
+        self._idle: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        self._started = 0.0
+        self.messages = 0
+
+    # --- connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)  # replies are small and awaited: no Nagle delay
+        peer, host = transport.getPeer(), transport.getHost()
+        self._started = time.monotonic()
+        context = SessionContext(
+            session_id=new_id(),
+            hostname=self.config.hostname,
+            peer_host=getattr(peer, "host", str(peer)),
+            peer_port=getattr(peer, "port", 0),
+            local_host=getattr(host, "host", str(host)),
+            local_port=getattr(host, "port", 0),
+            lmtp=self.config.lmtp,
+        )
+        self.policy = Policy(self._delivery, context)
+        self.session = ServerSession(self.config, info=SessionInfo(lmtp=self.config.lmtp))
+        limits = self.config.limits
+        self._deadline = self._clock.callLater(limits.session_deadline, self._expired)
+        self._arm_idle()
+        self._drive()
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self.session
+        if session is None or session.closing:
+            return
+        session.receive_data(data)
+        self._arm_idle()
+        self._drive()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        for call in (self._idle, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._deadline = None
+        if self.session is not None:
+            self.session.connection_lost()
+            self._drain_events()
+        if self.policy is not None:
+            ctx = self.policy.context
+            _log.info(
+                "{peer} session {session_id} ended after {duration:.3f}s: "
+                "{messages} messages, {errors} errors",
+                peer=ctx.peer_host,
+                session_id=ctx.session_id,
+                duration=time.monotonic() - self._started,
+                messages=self.messages,
+                errors=self.session.errors if self.session else 0,
+                helo=ctx.helo,
+            )
+        self.factory.forget(self)
+
+    def shutdown(self) -> None:
+        """The server stops: answer 421 and close (RFC 5321 3.8)."""
+        if self.session is not None:
+            self.session.shutdown()
+            self._force_close()
+
+    def _force_close(self) -> None:
+        """Close now, even while a decision is pending (it is answered into the void)."""
+        self._drain_events()
+        self._flush()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # --- timers ------------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        timeout = self.config.limits.command_timeout
+        if self._sink is not None:
+            timeout = self.config.limits.data_timeout
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        else:
+            self._idle = self._clock.callLater(timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self.session is not None:
+            _log.info("{peer} idle timeout", peer=self._peer())
+            self.session.timed_out()
+            self._force_close()
+
+    def _expired(self) -> None:
+        if self.session is not None:
+            _log.info("{peer} session deadline reached", peer=self._peer())
+            self.session.deadline_expired()
+            self._force_close()
+
+    def _peer(self) -> str:
+        return self.policy.context.peer_host if self.policy else "?"
+
+    # --- the event loop ------------------------------------------------------------------
+
+    def _drive(self) -> None:
+        """Run the session until it needs bytes or a decision; then write once."""
+        session = self.session
+        if self._driving or session is None:
+            return
+        self._driving = True
+        try:
+            while self._waiting == 0:
+                event = session.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    break
+                assert isinstance(event, Event)
+                if isinstance(event, CloseConnection):
+                    self._flush()
+                    if self.transport is not None:
+                        self.transport.loseConnection()
+                    return
+                self._handle(event)
+        finally:
+            self._driving = False
+        self._flush()
+        self._set_reading(self._waiting == 0 and not session.paused)
+
+    def _flush(self) -> None:
+        assert self.session is not None
+        out = self.session.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self.transport
+        if transport is None or reading is not self._reading_paused:
+            return  # already as wanted
+        self._reading_paused = not reading
+        if reading:
+            transport.resumeProducing()  # type: ignore[attr-defined]
+            self._arm_idle()
+        else:
+            transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _wait_for(self, d: Deferred[Any], then: Any) -> None:
+        """Run *then* with the result of *d*; hold the loop until it has run."""
+        self._waiting += 1
+
+        def done(result: Any) -> None:
+            self._waiting -= 1
+            then(result)
+            if not self._driving:
+                self._drive()
+
+        d.addCallback(done).addErrback(self._bug)
+
+    def _bug(self, failure: Failure) -> None:
+        _log.failure("internal error: closing the connection", failure)
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _handle(self, event: Event) -> None:
+        session, policy = self.session, self.policy
+        assert session is not None and policy is not None
+        if isinstance(event, MessageData):
+            if self._sink is not None:
+                result = self._sink.write(event.data)
+                if isinstance(result, Deferred) and not result.called:
+                    self._wait_for(result, lambda _: None)  # back-pressure
+        elif isinstance(event, HelloReceived):
+            command = event.command
+            esmtp = not isinstance(command, Helo)
+            policy.context = replace(policy.context, helo=command.domain, esmtp=esmtp)
+            self._wait_for(policy.hello(), session.decide)
+        elif isinstance(event, MailReceived):
+            self._wait_for(policy.mail(event.command), session.decide)
+        elif isinstance(event, RcptReceived):
+            self._wait_for(policy.rcpt(event.command, event.transaction), session.decide)
+        elif isinstance(event, MessageStarted):
+            self._message_id = new_id()
+            self._message_started = time.monotonic()
+            self._txn = event.transaction
+            envelope = policy.envelope(event.transaction, self._message_id)
+            self._wait_for(policy.open(envelope), self._opened)
+        elif isinstance(event, MessageComplete):
+            count = len(event.transaction.recipients)
+            sink, self._sink = self._sink, None
+            size = event.transaction.size
+            self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size))
+        elif isinstance(event, MessageAborted):
+            sink, self._sink = self._sink, None
+            if sink is not None:
+                sink.abort()
+            self._log_message(event.reply, 0)
+
+    def _drain_events(self) -> None:
+        """After the connection is lost: abort an open sink, ignore everything else."""
+        session = self.session
+        assert session is not None
+        while isinstance(event := session.next_event(), Event):
+            if isinstance(event, MessageAborted) and self._sink is not None:
+                self._sink.abort()
+                self._sink = None
+
+    def _opened(self, sink: Any) -> None:
+        self._sink = sink
+        session = self.session
+        if session is not None and session.transaction is None:  # aborted meanwhile
+            sink.abort()
+            self._sink = None
+
+    def _delivered(self, replies: list[Reply], size: int) -> None:
+        session = self.session
+        assert session is not None
+        self.messages += 1
+        if self.config.lmtp:
+            session.decide_each(replies)
+            reply = smtp_reply(replies)
+        else:
+            reply = smtp_reply(replies)
+            session.decide(reply)
+        self._log_message(reply, size)
+
+    def _log_message(self, reply: Reply | None, size: int) -> None:
+        policy = self.policy
+        assert policy is not None
+        txn, self._txn = self._txn, None
+        _log.info(
+            "{peer} message {message_id} from <{sender}> to {recipients}: {code} {status}",
+            peer=policy.context.peer_host,
+            session_id=policy.context.session_id,
+            message_id=self._message_id,
+            sender="" if txn is None or txn.sender is None else str(txn.sender),
+            recipients=[str(m) for m, _ in txn.recipients] if txn else [],
+            size=size,
+            code=reply.code if reply else 0,
+            status=reply.status if reply else "aborted",
+            duration=time.monotonic() - self._message_started,
+        )
+
+

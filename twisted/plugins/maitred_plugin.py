@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+maitred = ServiceMaker(
+    "maitred_tx ESMTP server", "maitred_tx.tap", "Receive mail over ESMTP/LMTP", "maitred"
+)
