@@ -384,7 +384,8 @@ def _measure_on_one_server(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _take(sample: Sample, variant: Variant, server: RunningServer, counts: Counts) -> None:
+def _take(sample: Sample, variant: Variant, server: RunningServer, counts: Counts) -> int:
+    """Measure one variant on a running server; return the messages it must have got."""
     warmup = asyncio.run(
         loadgen.run_connections(
             server.port,

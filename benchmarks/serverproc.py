@@ -71,6 +71,8 @@ def _maitred(*delivery: str) -> Callable[[int, Path], list[str]]:
             str(MAX_SIZE),
             "--domain",
             "localhost",
+            "--hostname",
+            "localhost",
         ]
 
     return argv
@@ -169,8 +171,7 @@ class RunningServer:
         self.log_path = workdir / "server.log"
         self.extensions: dict[str, str] = {}
         if spec.maildir:
-            for sub in ("cur", "new", "tmp"):
-                (workdir / "Maildir" / sub).mkdir(parents=True, exist_ok=True)
+            (workdir / "Maildir").mkdir()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 spec.argv(self.port, workdir),

@@ -22,19 +22,19 @@ class IDelivery(Interface):
     Subclass maitred_tx.delivery.base.Delivery to implement only what you need.
     """
 
-    def hello(context):  # type: ignore[no-untyped-def]
+    def hello(context):
         """EHLO/HELO/LHLO was received (context.helo).  None or Accepted to go on."""
 
-    def mail_from(context, sender, params):  # type: ignore[no-untyped-def]
+    def mail_from(context, sender, params):
         """MAIL FROM: *sender* is a Mailbox or None (null path); *params* MailParams."""
 
-    def rcpt_to(context, envelope, recipient, params):  # type: ignore[no-untyped-def]
+    def rcpt_to(context, envelope, recipient, params):
         """RCPT TO for a recipient in a local domain (relay rules were applied already).
 
         *envelope* holds the sender and the recipients accepted so far.
         """
 
-    def open_message(envelope):  # type: ignore[no-untyped-def]
+    def open_message(envelope):
         """The body starts: return an IMessageSink for *envelope* (all recipients)."""
 
 
@@ -43,10 +43,10 @@ class IMessageSink(Interface):
 
     envelope = Attribute("The Envelope this message belongs to.")
 
-    def write(data):  # type: ignore[no-untyped-def]
+    def write(data):
         """More body bytes.  Return a Deferred to pause reading until it fires."""
 
-    def close():  # type: ignore[no-untyped-def]
+    def close():
         """The body is complete: make it durable, then return the outcome.
 
         One Outcome applies to every recipient; a sequence gives one per recipient in
@@ -54,5 +54,5 @@ class IMessageSink(Interface):
         Only return Accepted once the message is safely stored.
         """
 
-    def abort():  # type: ignore[no-untyped-def]
+    def abort():
         """The body will not complete (limit, RSET, lost connection): discard it."""

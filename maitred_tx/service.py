@@ -41,4 +41,4 @@ class SMTPService(MultiService):
     def stopService(self) -> Deferred[None] | None:
         # Say 421 to every open session before the listeners go (RFC 5321 3.8).
         self.factory.shutdown()
-        return super().stopService()  # type: ignore[no-any-return]
+        return super().stopService()

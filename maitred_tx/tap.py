@@ -4,7 +4,7 @@ twisted/plugins/ only names this module, so plugin scans stay cheap."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.logger import Logger
 from twisted.python import reflect, usage
@@ -39,11 +39,11 @@ class Options(usage.Options):
         "127.0.0.1:2525 and accepts mail for 'localhost' unless told otherwise; it is "
         "never an open relay unless --relay is given."
     )
-    optFlags = [
+    optFlags: ClassVar[list[list[Any]]] = [
         ["relay", None, "DANGEROUS: accept mail for every domain (an open relay "
                         "unless the listener is protected otherwise)."],
     ]
-    optParameters = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["hostname", None, None, "Name used in the greeting, EHLO and Received: "
                                  "(default: this machine's name).", str],
         ["maildir", None, "./maildir", "Root of the Maildir tree for --delivery "

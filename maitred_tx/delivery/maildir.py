@@ -198,11 +198,11 @@ class MaildirDelivery(Delivery):
         d = self._in_thread(self._open_stream, envelope, list(targets.values()))
         return d.addCallback(lambda stream: _MaildirSink(envelope, self, slots, stream))
 
-    # --- everything below runs in the thread pool -------------------------------------
-
     def _in_thread(self, f: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> Deferred[_R]:
         pool = self._threadpool or self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, f, *args, **kwargs)
+
+    # --- everything below runs in the thread pool -------------------------------------
 
     def _open_stream(self, envelope: Envelope, targets: list[_Target]) -> _Stream | None:
         """Create the first openable recipient's tmp/ file with its trace fields."""
@@ -228,6 +228,8 @@ class MaildirDelivery(Delivery):
     def _create_tmp(self, target: _Target, access: int) -> tuple[str, int, str]:
         """Make the Maildir if needed and create a new unique file in its tmp/."""
         if not self._inside_root(target.maildir):
+            # A symbolic link leads out of ROOT: refused like a bad name (553 5.1.3), and
+            # the OSError makes the caller skip this target like any other failure.
             target.outcome = NAME_REFUSED
             raise OSError(errno.EPERM, "Maildir escapes the root", target.maildir)
         self._make_maildir(target.maildir)

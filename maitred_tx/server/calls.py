@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from inspect import isawaitable
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 
 __all__ = ["call"]
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def call(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -20,5 +24,5 @@ def call(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
     if isinstance(result, Deferred):
         return result
     if isawaitable(result):
-        return ensureDeferred(result)
+        return ensureDeferred(_await(result))
     return succeed(result)

@@ -28,7 +28,7 @@ class SMTPFactory(ServerFactory):
         self._new_delivery = delivery_provider(delivery)
         self.connections: set[SMTPServerProtocol] = set()
 
-    def buildProtocol(self, addr: IAddress) -> SMTPServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:  # type: ignore[override]
         protocol = SMTPServerProtocol(self.config, self._new_delivery(), self.reactor)
         protocol.factory = self
         self.connections.add(protocol)

@@ -51,11 +51,15 @@ def _failed(failure: Failure, what: str) -> Reply:
     return R.R451_LOCAL_ERROR
 
 
+def _answer(d: Deferred[Any], accepted: Reply, what: str) -> Deferred[Reply | None]:
+    return d.addCallbacks(lambda r: _reply(r, accepted, what), lambda f: _failed(f, what))
+
+
 def message_reply(outcomes: Outcome | Sequence[Outcome], count: int) -> list[Reply]:
     """One reply per recipient, from one outcome for all or one each."""
     if isinstance(outcomes, _OUTCOMES):
-        return [to_reply(outcomes, R.R250_QUEUED)] * count  # type: ignore[arg-type]
-    listed = list(outcomes)  # type: ignore[arg-type]
+        return [to_reply(outcomes, R.R250_QUEUED)] * count
+    listed = list(outcomes)
     if len(listed) != count or not all(isinstance(o, _OUTCOMES) for o in listed):
         _log.error("close() returned {n} outcomes for {count} recipients: answering 451",
                    n=len(listed), count=count)
@@ -100,23 +104,18 @@ class Policy:
         self.context = context
 
     def hello(self) -> Deferred[Reply | None]:
-        d = call(self.delivery.hello, self.context)
-        return d.addCallbacks(_reply, _failed, (R.R250_OK, "hello()"), None, ("hello()",))
+        return _answer(call(self.delivery.hello, self.context), R.R250_OK, "hello()")
 
     def mail(self, command: MailFrom) -> Deferred[Reply | None]:
         d = call(self.delivery.mail_from, self.context, command.sender, command.params)
-        return d.addCallbacks(
-            _reply, _failed, (R.R250_SENDER_OK, "mail_from()"), None, ("mail_from()",)
-        )
+        return _answer(d, R.R250_SENDER_OK, "mail_from()")
 
     def rcpt(self, command: RcptTo, txn: Transaction) -> Deferred[Reply | None]:
         envelope = self.envelope(txn)
         d = call(
             self.delivery.rcpt_to, self.context, envelope, command.recipient, command.params
         )
-        return d.addCallbacks(
-            _reply, _failed, (R.R250_RCPT_OK, "rcpt_to()"), None, ("rcpt_to()",)
-        )
+        return _answer(d, R.R250_RCPT_OK, "rcpt_to()")
 
     def envelope(self, txn: Transaction, message_id: str = "") -> Envelope:
         return Envelope(

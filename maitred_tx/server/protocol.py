@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 
 from maitred_tx.envelope import SessionContext
 from maitred_tx.server.policy import Policy, new_id, smtp_reply
+from maitred_tx.smtp.commands import Helo
 from maitred_tx.smtp.config import Config
 from maitred_tx.smtp.replies import Reply
-from maitred_tx.smtp.commands import Helo
 from maitred_tx.smtp.session import (
     NEED_DATA,
     PAUSED,
@@ -104,7 +104,7 @@ class SMTPServerProtocol(Protocol):
         self._arm_idle()
         self._drive()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         for call in (self._idle, self._deadline):
             if call is not None and call.active():
                 call.cancel()

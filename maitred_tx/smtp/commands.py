@@ -9,8 +9,8 @@ state table's business (``state.py``), and whether an address is acceptable is p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from maitred_tx.smtp import replies as R

@@ -13,9 +13,9 @@ its caller raises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Any, Final
 
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import Mailbox
@@ -329,7 +329,8 @@ class ServerSession:
         lmtp = self.info.lmtp
         if next_state(lmtp, self.state, command) is None:
             if isinstance(command, Bdat):  # the chunk follows regardless: swallow it
-                self._start_chunk(command, discard=True, reply=sequence_error(lmtp, self.state, command))
+                reply = sequence_error(lmtp, self.state, command)
+                self._start_chunk(command, discard=True, reply=reply)
                 return
             self._error(sequence_error(lmtp, self.state, command))
             return
@@ -587,7 +588,7 @@ class ServerSession:
         self._in, self._pos = b"", 0
 
 
-_HANDLERS: Final = {
+_HANDLERS: Final[dict[type[Command], Callable[[ServerSession, Any], None]]] = {
     Ehlo: ServerSession._on_hello,
     Helo: ServerSession._on_hello,
     Lhlo: ServerSession._on_hello,
