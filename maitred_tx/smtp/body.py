@@ -54,10 +54,15 @@ class ContentChecker:
         "error",
     )
 
-    def __init__(self, limits: Limits, bare: BareLineEndings, *, text: bool = True) -> None:
+    def __init__(
+        self, limits: Limits, bare: BareLineEndings, *, text: bool = True, lines: bool = True
+    ) -> None:
         # BINARYMIME content (RFC 3030 3) has no lines: only the header check applies.
         self._bare = text and bare is BareLineEndings.REJECT
-        self._check_lines = text
+        # The text line limit (RFC 5321 4.5.3.1.6) belongs to the line-framed DATA
+        # transfer; BDAT chunks are counted, not framed, so it is not applied to them.
+        # It costs a full pass over the body, which BDAT is meant to avoid.
+        self._check_lines = text and lines
         # Longest allowed line content, CR included, LF excluded (RFC 5321 4.5.3.1.6).
         self._max_line = limits.max_text_line - 1
         self._block = max(1, (self._max_line + 1) // 2)

@@ -386,7 +386,7 @@ class ServerSession:
             self._start_message(txn)
             txn.chunked = True
             self._checker = ContentChecker(
-                self._limits, self.config.bare_line_endings, text=not txn.binary
+                self._limits, self.config.bare_line_endings, text=not txn.binary, lines=False
             )
         self._start_chunk(command, discard=False, reply=None)
 
