@@ -2,7 +2,8 @@
 adapted to our IDelivery.
 
 The calls and their arguments are twisted.mail's own (twisted.mail.smtp.SMTP):
-validateFrom((helo, peer ip), Address) at MAIL, validateTo(User) at RCPT returning a
+IMessageDeliveryFactory.getMessageDelivery() and validateFrom((helo, peer ip),
+Address) at each MAIL, validateTo(User) at RCPT returning a
 message factory, receivedHeader(helo, origin, [user]) and one IMessage per recipient at
 DATA, IMessage.lineReceived per line without CRLF (dot-unstuffed), eomReceived at the
 end and connectionLost when the message is abandoned.  SMTPServerError codes are sent
@@ -39,7 +40,8 @@ def delivery_provider(delivery: Any) -> Callable[[], Any]:
     if IDelivery.providedBy(delivery):
         return lambda: delivery
     if IMessageDeliveryFactory.providedBy(delivery):
-        return lambda: TwistedMailDelivery(delivery.getMessageDelivery())
+        # Asked at each MAIL FROM ("called once per message"), as twisted.mail does.
+        return lambda: TwistedMailDelivery(factory=delivery)
     if IMessageDelivery.providedBy(delivery):
         return lambda: TwistedMailDelivery(delivery)
     raise TypeError(
@@ -80,8 +82,9 @@ class _ProtocolShim:
 class TwistedMailDelivery:
     """One connection's view of a twisted.mail IMessageDelivery."""
 
-    def __init__(self, delivery: Any) -> None:
-        self.delivery = IMessageDelivery(delivery)
+    def __init__(self, delivery: Any = None, factory: Any = None) -> None:
+        self.delivery: Any = None if delivery is None else IMessageDelivery(delivery)
+        self._factory = None if factory is None else IMessageDeliveryFactory(factory)
         self._origin: Address | None = None
         self._recipients: list[tuple[User, Callable[[], Any]]] = []
 
@@ -101,7 +104,12 @@ class TwistedMailDelivery:
             self._origin = result if isinstance(result, Address) else origin
             return None
 
-        d = maybeDeferred(self.delivery.validateFrom, self._helo(context), origin)
+        def validate() -> Any:
+            if self._factory is not None:  # a new delivery for each message
+                self.delivery = IMessageDelivery(self._factory.getMessageDelivery())
+            return self.delivery.validateFrom(self._helo(context), origin)
+
+        d = maybeDeferred(validate)
         return d.addCallbacks(validated, _outcome, errbackArgs=("5.7.1",))
 
     def rcpt_to(

@@ -104,7 +104,12 @@ class Policy:
         self.context = context
 
     def hello(self) -> Deferred[Reply | None]:
-        return _answer(call(self.delivery.hello, self.context), R.R250_OK, "hello()")
+        def capabilities(result: Any) -> Any:
+            # Accepted keeps the EHLO/LHLO reply: it is the capability list.
+            return None if isinstance(result, Accepted) else result
+
+        d = call(self.delivery.hello, self.context).addCallback(capabilities)
+        return _answer(d, R.R250_OK, "hello()")
 
     def mail(self, command: MailFrom) -> Deferred[Reply | None]:
         d = call(self.delivery.mail_from, self.context, command.sender, command.params)
@@ -132,10 +137,11 @@ class Policy:
             return IMessageSink(sink)
 
         def broken(failure: Failure) -> Any:
-            _log.failure("open_message() raised: the message gets 451", failure)
+            _log.failure("open_message() failed: the message gets 451", failure)
             return _FailedSink(envelope)
 
-        return call(self.delivery.open_message, envelope).addCallbacks(opened, broken)
+        # addErrback after addCallback: a result that is no IMessageSink fails too.
+        return call(self.delivery.open_message, envelope).addCallback(opened).addErrback(broken)
 
     @staticmethod
     def close(sink: Any, count: int) -> Deferred[list[Reply]]:
@@ -145,4 +151,5 @@ class Policy:
         def broken(failure: Failure) -> list[Reply]:
             return [_failed(failure, "close()")] * count
 
-        return call(sink.close).addCallbacks(closed, broken)
+        # addErrback after addCallback: a result that is no outcome fails too.
+        return call(sink.close).addCallback(closed).addErrback(broken)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maitred_tx.envelope import SessionContext
-from maitred_tx.server.policy import Policy, new_id, smtp_reply
+from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
 from maitred_tx.smtp.commands import Helo
 from maitred_tx.smtp.config import Config
 from maitred_tx.smtp.replies import Reply
@@ -106,8 +106,9 @@ class SMTPServerProtocol(Protocol):
         if session is None or session.closing:
             return
         session.receive_data(data)
-        self._arm_idle()
         self._drive()
+        if not session.closing:
+            self._arm_idle()  # after _drive: DATA may have opened the sink (data_timeout)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         for call in (self._idle, self._deadline):
@@ -193,7 +194,8 @@ class SMTPServerProtocol(Protocol):
         finally:
             self._driving = False
         self._flush()
-        self._set_reading(self._waiting == 0 and not session.paused)
+        if not session.closing:  # a closing transport is neither paused nor resumed
+            self._set_reading(self._waiting == 0 and not session.paused)
 
     def _flush(self) -> None:
         assert self.session is not None
@@ -233,10 +235,16 @@ class SMTPServerProtocol(Protocol):
         session, policy = self.session, self.policy
         assert session is not None and policy is not None
         if isinstance(event, MessageData):
-            if self._sink is not None:
-                result = self._sink.write(event.data)
-                if isinstance(result, Deferred) and not result.called:
-                    self._wait_for(result, lambda _: None)  # back-pressure
+            sink = self._sink
+            if sink is not None:
+                try:
+                    result = sink.write(event.data)
+                except Exception:
+                    self._write_failed(Failure(), sink)
+                else:
+                    if isinstance(result, Deferred):
+                        result.addErrback(self._write_failed, sink)
+                        self._wait_for(result, lambda _: None)  # back-pressure
         elif isinstance(event, HelloReceived):
             command = event.command
             esmtp = not isinstance(command, Helo)
@@ -272,10 +280,22 @@ class SMTPServerProtocol(Protocol):
                 self._sink.abort()
                 self._sink = None
 
+    def _write_failed(self, failure: Failure, sink: Any) -> None:
+        """A sink write failed: discard that sink; the message will get 451 4.3.0."""
+        _log.failure("sink write() failed: the message gets 451", failure)
+        if self._sink is sink:
+            envelope: Any = getattr(sink, "envelope", None)
+            self._sink = _FailedSink(envelope)
+            try:
+                sink.abort()
+            except Exception:
+                _log.failure("sink abort() raised")
+
     def _opened(self, sink: Any) -> None:
         self._sink = sink
         session = self.session
-        if session is not None and session.transaction is None:  # aborted meanwhile
+        txn = session.transaction if session is not None else None
+        if txn is None or not txn.started:  # aborted meanwhile (RSET, timeout, lost)
             sink.abort()
             self._sink = None
 

@@ -7,10 +7,10 @@ passed on as one slice.  Only the exact sequence CRLF "." CRLF ends DATA (4.1.1.
 bare CR or LF never does, whatever the bare-line-ending policy says, which closes the
 SMTP smuggling family (CVE-2023-51764 and kin).
 
-``ContentChecker`` enforces the content limits on the raw stream (bare line endings,
-text line length, header block size) with whole-buffer operations too.  Once a limit is
-broken the receivers keep consuming — the end of the message must still be found — but
-pass nothing on, and the session answers with the recorded reply at the end.
+``ContentChecker`` enforces the content limits on the content as stored (bare line
+endings, text line length, header block size) with whole-buffer operations too.  Once
+a limit is broken the receivers keep consuming — the end of the message must still be
+found — but pass nothing on, and the session answers with the recorded reply at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ __all__ = ["BdatReceiver", "ContentChecker", "DataReceiver"]
 # re's literal-prefix search beats bytes.find for this three-byte needle.
 _DOT_LINE: Final = re.compile(rb"\r\n\.")
 # Every byte but CR and LF, for the bare-line-ending check (see _check_bare).
-_NOT_CRLF: Final = bytes(b for b in range(256) if b not in (10, 13))
+# Every byte but NUL, CR and LF, for the bare-line-ending and NUL check (_check_bare).
+_NOT_CRLF_NUL: Final = bytes(b for b in range(256) if b not in (0, 10, 13))
 # Long-line probe step: a line of >= 2*step-1 octets without LF contains a whole
 # aligned block of *step* octets without LF, so only those blocks need a closer look.
 _EMPTY: Final = b""
@@ -102,24 +103,33 @@ class ContentChecker:
                 self.error = R.R552_HEADER_TOO_BIG
             return
         self._header_len += len(data)
-        if self._header_len > self._max_header:
-            self.error = R.R552_HEADER_TOO_BIG
         self._header_tail = probe[-3:]
+        # A CR after the last CRLF may begin the empty line, which is not in the block.
+        over = self._header_len - self._max_header
+        if over > 1 or (over == 1 and not probe.endswith(b"\r\n\r")):
+            self.error = R.R552_HEADER_TOO_BIG
 
     def _check_bare(self, data: bytes) -> None:
-        # Keep only CR and LF (a C-level pass), then every CR must pair with an LF.
-        ends = data.translate(None, _NOT_CRLF)
-        if not ends:
-            return
+        # Every CR must be followed by LF and every LF preceded by CR.  Two C-level passes:
+        # CRs + LFs (translate keeps only them) must be twice the CRLF pairs; as a pair
+        # holds one of each, that leaves no CR or LF outside a pair.
+        start, end = 0, len(data)
         if self._prev_cr:
-            if ends[0] != 10:  # the CR that ended the previous buffer was bare
+            if data[0] != 10:  # the CR that ended the previous buffer was bare
                 self.error = R.R550_BARE_LINE_ENDING
                 return
-            ends = ends[1:]
-        self._prev_cr = ends.endswith(b"\r")
+            start = 1
+        self._prev_cr = end > start and data[end - 1] == 13
         if self._prev_cr:
-            ends = ends[:-1]
-        if ends.count(b"\r\n") * 2 != len(ends):
+            end -= 1  # its LF, if any, starts the next buffer
+        kept = data.translate(None, _NOT_CRLF_NUL)
+        if b"\0" in kept:
+            # RFC 5322 2.3 / RFC 6152: no NUL in a text body.  A downstream MTA that
+            # strips NULs would turn CRLF NUL "." CRLF into an end of data.
+            self.error = R.R550_NUL_CHARACTER
+            return
+        ends = len(kept) - start - (len(data) - end)
+        if ends != 2 * data.count(b"\r\n", start, end):
             self.error = R.R550_BARE_LINE_ENDING
 
     def _check_line_length(self, data: bytes) -> None:
@@ -135,6 +145,9 @@ class ContentChecker:
             return
         last = data.rfind(b"\n")
         self._line_len = len(data) - last - 1
+        if self._line_len > limit:  # the unfinished last line is too long already
+            self.error = R.R554_LINE_TOO_LONG.format(limit=str(limit + 1))
+            return
         if last - first > limit and self._has_long_line(data, first, last, limit):
             self.error = R.R554_LINE_TOO_LONG.format(limit=str(limit + 1))
 
@@ -186,13 +199,13 @@ class DataReceiver:
             if after == b"\r\n":  # CRLF "." CRLF: the end (the first CRLF is content)
                 self._pass(out, buf, start, dot)
                 end = dot + 3 - len(tail)
-                self._check(data[:end])
+                self._check(out)
                 return self._result(out), end
             if not after or after == b"\r":  # cannot tell yet: hold from the CRLF
                 self._pass(out, buf, start, crlf)
                 self._skip = max(0, start - crlf)
                 self._tail = buf[crlf:]
-                self._check(data)
+                self._check(out)
                 return self._result(out), None
             self._pass(out, buf, start, dot)  # 4.5.2: drop the leading dot
             start = pos = dot + 1
@@ -201,7 +214,7 @@ class DataReceiver:
         self._pass(out, buf, start, cut)
         self._skip = max(0, start - cut)
         self._tail = buf[cut:]
-        self._check(data)
+        self._check(out)
         return self._result(out), None
 
     def _pass(self, out: list[bytes], buf: bytes, start: int, end: int) -> None:
@@ -210,12 +223,17 @@ class DataReceiver:
             if self.error is None:
                 out.append(buf[start:end])
 
-    def _check(self, raw: bytes) -> None:
+    def _check(self, out: list[bytes]) -> None:
+        # The content checks see the message as it will be stored: dot-unstuffed, so a
+        # line's duplicated leading dot does not count (RFC 5321 4.5.3.1.6).
         if self.error is None:
             if self.size > self._max_size:
                 self.error = R.R552_TOO_BIG  # RFC 1870 6.3
             else:
-                self.error = self.checker.feed(raw)
+                for piece in out:
+                    if self.checker.feed(piece) is not None:
+                        self.error = self.checker.error
+                        break
 
     def _result(self, out: list[bytes]) -> list[bytes]:
         return out if self.error is None else []

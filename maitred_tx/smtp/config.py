@@ -20,7 +20,9 @@ class BareLineEndings(enum.Enum):
     4.1.1.4), whatever this says.  ``REJECT`` (the default) refuses such a message after
     its end with 550 5.6.0 so that no downstream MTA that treats a bare LF as a line end
     can be fed a smuggled second message (the CVE-2023-51764 family; Postfix 3.9's
-    ``smtpd_forbid_bare_newline = reject``).  ``ACCEPT`` stores the bytes as sent.
+    ``smtpd_forbid_bare_newline = reject``).  ``REJECT`` also refuses a NUL in a text
+    body (RFC 5322 2.3): an MTA that strips NULs would see CRLF NUL "." CRLF as an end
+    of data.  ``ACCEPT`` stores the bytes as sent.
     """
 
     REJECT = "reject"

@@ -132,6 +132,7 @@ R550_RELAY_DENIED: Final = _r(550, "5.7.1", "Relaying denied")
 R550_NO_SUCH_USER: Final = _r(550, "5.1.1", "Recipient rejected")
 R550_SENDER_REJECTED: Final = _r(550, "5.7.1", "Sender rejected")
 R550_BARE_LINE_ENDING: Final = _r(550, "5.6.0", "Message contains a bare <CR> or <LF>")
+R550_NUL_CHARACTER: Final = _r(550, "5.6.0", "Message contains a NUL character")
 R552_TOO_BIG: Final = _r(552, "5.3.4", "Message size exceeds fixed limit")
 R552_HEADER_TOO_BIG: Final = _r(552, "5.3.4", "Message header block too large")
 R553_NEEDS_SMTPUTF8: Final = _r(

@@ -1,0 +1,414 @@
+"""Body receivers: DATA end marker and dot-unstuffing (RFC 5321 4.1.1.4, 4.5.2), SMTP
+smuggling, content limits (4.5.3.1.6, header block, bare CR/LF), BDAT chunks (RFC 3030)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maitred_tx.smtp import replies as R
+from maitred_tx.smtp.body import BdatReceiver, ContentChecker, DataReceiver
+from maitred_tx.smtp.config import BareLineEndings, Limits
+from maitred_tx.smtp.replies import Reply
+
+ACCEPT = BareLineEndings.ACCEPT
+REJECT = BareLineEndings.REJECT
+DEFAULT = Limits()
+ROOMY = Limits(max_text_line=10**7, max_header_block=10**7, max_message_size=10**8)
+TOO_LONG = R.R554_LINE_TOO_LONG.format(limit="1000")
+
+Outcome = tuple[bytes, int | None, Reply | None]
+
+
+def receive(
+    chunks: list[bytes], bare: BareLineEndings = ACCEPT, limits: Limits = DEFAULT
+) -> Outcome:
+    """Feed *chunks* to one DataReceiver: (body, end offset in the input, final error)."""
+    receiver = DataReceiver(limits, bare)
+    out: list[bytes] = []
+    consumed = 0
+    for chunk in chunks:
+        pieces, end = receiver.feed(chunk)
+        assert all(pieces), "empty piece"
+        out += pieces
+        if end is not None:
+            assert 0 < end <= len(chunk)
+            return b"".join(out), consumed + end, receiver.finish()
+        consumed += len(chunk)
+    return b"".join(out), None, receiver.error
+
+
+def two_parts(data: bytes) -> list[list[bytes]]:
+    return [[data[:i], data[i:]] for i in range(len(data) + 1)]
+
+
+def byte_by_byte(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def same_in_every_chunking(data: bytes, **kw: object) -> Outcome:
+    """The outcome of feeding *data* whole, which must not depend on the chunking."""
+    whole = receive([data], **kw)  # type: ignore[arg-type]
+    for chunks in [*two_parts(data), byte_by_byte(data)]:
+        got = receive(chunks, **kw)  # type: ignore[arg-type]
+        if whole[2] is None:
+            assert got == whole, chunks
+        else:  # once an error is found nothing more is passed on: the body is cut short
+            assert got[1:] == whole[1:], chunks
+            if whole[1] is not None:
+                assert unstuff(data[: whole[1]]).startswith(got[0]), chunks
+    return whole
+
+
+def stuff(message: bytes) -> bytes:
+    """Dot-stuff *message* (which ends with CRLF) and add the end marker (RFC 5321 4.5.2)."""
+    return (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+
+
+def unstuff(stuffed: bytes) -> bytes:
+    """The model: remove the dot after every CRLF (the DATA line's CRLF counts)."""
+    return (b"\r\n" + stuffed).replace(b"\r\n.", b"\r\n")[2:]
+
+
+# --- end marker and unstuffing ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "body", "end"),
+    [
+        (b".\r\n", b"", 3),
+        (b".\r\nNOOP\r\n", b"", 3),
+        (b"hello\r\n.\r\nNOOP\r\n", b"hello\r\n", 10),
+        (b"\r\n.\r\n", b"\r\n", 5),
+        (b"..\r\n.\r\n", b".\r\n", 7),
+        (b".x\r\n.\r\n", b"x\r\n", 7),
+        (b"a\r\n..b\r\n...\r\n.\r\n", b"a\r\n.b\r\n..\r\n", 16),
+        (b"a\r\n.\r\r\n.\r\n", b"a\r\n\r\r\n", 10),
+        (b"a\r\n. \r\n.\r\n", b"a\r\n \r\n", 10),
+        (b"a\r\n.\r\n.\r\n", b"a\r\n", 6),
+    ],
+)
+def test_end_marker_and_unstuffing(data: bytes, body: bytes, end: int) -> None:
+    assert same_in_every_chunking(data) == (body, end, None)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"abc",
+        b"abc\r\n",
+        b"abc\r\n.",
+        b"abc\r\n.\r",
+        b"a.\r\n",
+        b"\n.\r\n",
+        b"a\r\n.\n",
+        b".\r",
+        b".",
+        b"..\r\n",
+        b"a\r\n.\ra",
+    ],
+)
+def test_no_end_yet(data: bytes) -> None:
+    assert receive([data])[1] is None
+    assert receive(byte_by_byte(data))[1] is None
+
+
+def test_held_bytes_are_released() -> None:
+    receiver = DataReceiver(DEFAULT, ACCEPT)
+    assert receiver.feed(b"abc\r") == ([b"abc"], None)
+    assert receiver.feed(b"\n") == ([], None)
+    assert receiver.feed(b".") == ([], None)
+    assert receiver.feed(b"x") == ([b"\r\n", b"x"], None)
+    assert receiver.feed(b"\r\n.\r\nNOOP") == ([b"\r\n"], 5)
+    assert receiver.size == 8
+    assert receiver.finish() is None
+
+
+SMUGGLING = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\n.\r\r\n",
+    b"\r.\r\n",
+    b"\r.\n",
+    b"\r\r\n.\r\r\n",
+    b"\n\n.\n\n",
+    b"\r\n.\r\r\n",
+    b"\r\n.\n\r\n",
+]
+EVIL = b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@localhost>\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize("sequence", SMUGGLING)
+def test_smuggling_never_ends_data_accept(sequence: bytes) -> None:
+    data = b"Subject: a\r\n\r\nhello" + sequence + EVIL + b"smuggled\r\n.\r\nNOOP\r\n"
+    body, end, error = same_in_every_chunking(data, bare=ACCEPT)
+    assert end == len(data) - len(b"NOOP\r\n")
+    assert error is None
+    assert body == unstuff(data[:end])[:-2]  # the model drops the dot, not the CRLF
+    assert EVIL in body
+
+
+@pytest.mark.parametrize("sequence", SMUGGLING)
+def test_smuggling_never_ends_data_reject(sequence: bytes) -> None:
+    data = b"Subject: a\r\n\r\nhello" + sequence + EVIL + b"smuggled\r\n.\r\nNOOP\r\n"
+    body, end, error = same_in_every_chunking(data, bare=REJECT)
+    assert end == len(data) - len(b"NOOP\r\n")
+    assert error == R.R550_BARE_LINE_ENDING
+    assert body == b""
+
+
+SAMPLES = [
+    b"a\r\n..b\r\n.\r\n",
+    b"\r\n\r\n.\r\n",
+    b"..\r\n...\r\n.x\r\n.\r\nrest",
+    b"x\r.\r\n.\n\r\n.\r\n",
+    b"Subject: s\r\n\r\n" + b"y" * 40 + b"\r\n.\r\n",
+]
+
+
+@pytest.mark.parametrize("data", SAMPLES)
+def test_every_split_gives_the_same_result(data: bytes) -> None:
+    body, end, error = same_in_every_chunking(data, bare=ACCEPT)
+    assert end is not None and error is None
+    assert body == unstuff(data[:end])[:-2]
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    """Arbitrary bytes, or CRLF lines rich in dots, ending with CRLF."""
+    if draw(st.booleans()):
+        raw = draw(st.binary(max_size=300))
+    else:
+        lines = draw(
+            st.lists(
+                st.sampled_from([b"", b".", b"..", b".\r", b"x", b".x", b"\r", b"\n", b"a.b"])
+            )
+        )
+        raw = b"\r\n".join(lines)
+    return raw + b"\r\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), messages())
+def test_stuffing_round_trip(data: st.DataObject, message: bytes) -> None:
+    wire = stuff(message) + b"NEXT COMMAND\r\n"
+    chunks = data.draw(chunkings(wire))
+    assert receive(chunks, ACCEPT, ROOMY) == (message, len(wire) - 14, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.binary(max_size=200))
+def test_arbitrary_input_same_in_any_chunking(data: st.DataObject, raw: bytes) -> None:
+    whole = receive([raw], ACCEPT, ROOMY)
+    assert receive(data.draw(chunkings(raw)), ACCEPT, ROOMY) == whole
+    if whole[1] is not None:  # ends exactly after the first CRLF "." CRLF
+        assert (b"\r\n" + raw).find(b"\r\n.\r\n") + 3 == whole[1]
+        assert whole[0] == unstuff(raw[: whole[1]])[:-2]
+
+
+# --- message size -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "error"), [(99, None), (100, None), (101, R.R552_TOO_BIG)])
+def test_size_limit(size: int, error: Reply | None) -> None:
+    limits = Limits(max_message_size=100)
+    message = b"x" * (size - 2) + b"\r\n"
+    body, end, got = same_in_every_chunking(stuff(message), limits=limits)
+    assert (end, got) == (size + 3, error)
+    assert body == (message if error is None else b"")
+    for chunks in byte_by_byte(stuff(message)), [stuff(message)[:60], stuff(message)[60:]]:
+        receiver = DataReceiver(limits, ACCEPT)
+        passed = sum(len(p) for c in chunks for p in receiver.feed(c)[0])
+        assert passed <= 100
+        assert receiver.size == size  # counted on, after the limit
+
+
+def test_size_counts_unstuffed_octets() -> None:
+    limits = Limits(max_message_size=100)
+    message = b".\r\n" * 33 + b"x\r\n"  # 102 octets of content
+    assert len(message) == 102
+    assert receive([stuff(message)], limits=limits)[2] == R.R552_TOO_BIG
+    message = b".\r\n" * 32 + b"ab\r\n"  # 100 octets of content, 132 on the wire
+    assert receive([stuff(message)], limits=limits) == (message, 135, None)
+
+
+# --- text line length -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("length", "error"), [(997, None), (998, None), (999, TOO_LONG)])
+def test_line_length(length: int, error: Reply | None) -> None:
+    message = b"head\r\n" + b"x" * length + b"\r\nshort\r\n"
+    _, end, got = same_in_every_chunking(stuff(message), bare=REJECT)
+    assert (end, got) == (len(message) + 3, error)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 250, 499, 500, 501, 998, 999, 1500, 4321])
+@pytest.mark.parametrize("length", [998, 999, 2000])
+def test_long_line_in_a_big_buffer(offset: int, length: int) -> None:
+    message = b"p" * offset + b"\r\n" + (b"s\r\n" * 700) + b"L" * length + b"\r\n"
+    message += b"ab\r\n" * 900
+    error = TOO_LONG if length > 998 or offset > 998 else None
+    assert receive([stuff(message)], REJECT)[1:] == (len(message) + 3, error)
+    assert receive([stuff(message)[:3000], stuff(message)[3000:]], REJECT)[2] == error
+
+
+def test_dot_stuffed_line_may_be_1001_octets_on_the_wire() -> None:
+    # RFC 5321 4.5.3.1.6: "not counting the leading dot duplicated for transparency".
+    line = b"." + b"q" * 997  # 998 octets of content
+    _, end, error = same_in_every_chunking(b"." + line + b"\r\n.\r\n", bare=REJECT)
+    assert (end, error) == (1004, None)
+    _, _, error = same_in_every_chunking(b".." + line + b"\r\n.\r\n", bare=REJECT)
+    assert error == TOO_LONG
+
+
+# --- ContentChecker -------------------------------------------------------------------------
+
+
+def check(
+    chunks: list[bytes], limits: Limits = ROOMY, bare: BareLineEndings = REJECT, text: bool = True
+) -> Reply | None:
+    checker = ContentChecker(limits, bare, text=text)
+    for chunk in chunks:
+        checker.feed(chunk)
+    return checker.finish()
+
+
+@pytest.mark.parametrize(
+    ("chunks", "bare"),
+    [
+        ([b"a\r", b"\nb"], False),
+        ([b"a\r", b"\n", b"b\r\n"], False),
+        ([b"a\r\n", b"\r\n"], False),
+        ([b"a", b"\r", b"\n", b"b"], False),
+        ([b"a\r", b"b"], True),
+        ([b"a\r", b"b", b"\n"], True),
+        ([b"a\r", b"bcd", b"\r\n"], True),
+        ([b"a\rb\n"], True),
+        ([b"a\r.\n"], True),
+        ([b"x\r\n\ra\nb\r\n"], True),
+        ([b"a\r"], True),  # a CR dangling at the very end
+        ([b"a\r", b""], True),
+        ([b"a\n"], True),
+        ([b"\n"], True),
+        ([b"a\r\r\n"], True),
+        ([b"a\r", b"\r\n"], True),
+        ([b"a\n\r"], True),
+    ],
+)
+def test_bare_line_endings_across_chunks(chunks: list[bytes], bare: bool) -> None:
+    assert check(chunks) == (R.R550_BARE_LINE_ENDING if bare else None)
+    assert check(chunks, bare=ACCEPT) is None
+    assert check(chunks, bare=REJECT, text=False) is None  # BINARYMIME: no lines
+
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"bc"]), max_size=30))
+def test_bare_line_ending_model(data: st.DataObject, parts: list[bytes]) -> None:
+    content = b"".join(parts)
+    expected = R.R550_BARE_LINE_ENDING if _BARE.search(content) else None
+    assert check(data.draw(chunkings(content))) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.lists(st.integers(0, 1200), min_size=1, max_size=8), st.booleans())
+def test_line_length_model(data: st.DataObject, lengths: list[int], terminated: bool) -> None:
+    content = b"\r\n".join(b"w" * n for n in lengths) + (b"\r\n" if terminated else b"")
+    limits = Limits(max_header_block=10**7)
+    # Octets per line, CR included: at most 999 (1000 with the LF, RFC 5321 4.5.3.1.6).
+    sizes = [n + 1 for n in lengths[:-1]] + [lengths[-1] + terminated]
+    expected = TOO_LONG if max(sizes) > 999 else None
+    assert check(data.draw(chunkings(content)), limits, ACCEPT) == expected
+
+
+def test_unterminated_last_line_is_checked() -> None:
+    limits = Limits(max_header_block=10**7)
+    assert check([b"a\r\n" + b"b" * 1000], limits) == TOO_LONG
+    assert check([b"a\r\n", b"b" * 1000], limits) == TOO_LONG
+    assert check([b"a\r\n" + b"b" * 999], limits) is None
+
+
+@pytest.mark.parametrize("size", [58, 59, 60, 61, 62])
+def test_header_block_limit(size: int) -> None:
+    limits = Limits(max_header_block=60)
+    header = b"h: " + b"v" * (size - 5) + b"\r\n"
+    assert len(header) == size
+    content = header + b"\r\nbody\r\n"
+    expected = R.R552_HEADER_TOO_BIG if size > 60 else None
+    for chunks in [[content], *two_parts(content), byte_by_byte(content)]:
+        assert check(chunks, limits) == expected, chunks
+
+
+def test_header_block_without_body_and_empty_header() -> None:
+    limits = Limits(max_header_block=60)
+    assert check([b"h: " + b"v" * 60], limits) == R.R552_HEADER_TOO_BIG
+    assert check([b"h: v\r\n" * 10], limits) is None
+    assert check([b"h: v\r\n" * 11], limits) == R.R552_HEADER_TOO_BIG
+    assert check([b"\r\n" + b"b" * 500 + b"\r\n"], limits) is None  # empty header block
+    assert check([b"\r\n", b"b" * 500 + b"\r\n"], limits) is None
+    assert check([b"h: v\r\n\r\n" + b"b" * 500 + b"\r\n"], limits) is None
+
+
+def test_header_limit_through_data_receiver() -> None:
+    limits = Limits(max_header_block=60)
+    message = b"h: " + b"v" * 60 + b"\r\n\r\nbody\r\n"
+    assert same_in_every_chunking(stuff(message), limits=limits)[2] == R.R552_HEADER_TOO_BIG
+
+
+def test_first_error_is_kept() -> None:
+    checker = ContentChecker(ROOMY, REJECT)
+    assert checker.feed(b"a\nb") == R.R550_BARE_LINE_ENDING
+    assert checker.feed(b"\r\n") == R.R550_BARE_LINE_ENDING
+    assert checker.finish() == R.R550_BARE_LINE_ENDING
+
+
+# --- BDAT -------------------------------------------------------------------------------------
+
+
+def test_bdat_receiver_exact_counts() -> None:
+    receiver = BdatReceiver(5)
+    assert not receiver.done
+    assert receiver.feed(b"ab") == (b"ab", 2)
+    assert receiver.remaining == 3
+    assert receiver.feed(b"\r\n.\r\nQUIT\r\n") == (b"\r\n.", 3)
+    assert receiver.done
+    assert receiver.feed(b"more") == (b"", 0)
+
+
+def test_bdat_receiver_discard_and_zero() -> None:
+    receiver = BdatReceiver(4, discard=True)
+    assert receiver.feed(b"abcdef") == (b"", 4)
+    assert receiver.done
+    assert BdatReceiver(0).done
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.binary(max_size=100), st.binary(max_size=20))
+def test_bdat_receiver_any_chunking(data: st.DataObject, chunk: bytes, after: bytes) -> None:
+    receiver = BdatReceiver(len(chunk))
+    got, rest = [], []
+    for piece in data.draw(chunkings(chunk + after)):
+        taken_piece, taken = receiver.feed(piece)
+        assert taken == len(taken_piece)
+        got.append(taken_piece)
+        rest.append(piece[taken:])
+    assert b"".join(got) == chunk
+    assert b"".join(rest) == after
+    assert receiver.done
