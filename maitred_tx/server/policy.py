@@ -7,11 +7,11 @@ retries and nothing is lost or bounced because of a bug (RFC 5321 4.2.5).
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -19,7 +19,7 @@ from zope.interface import implementer
 from maitred_tx.envelope import Envelope, Recipient, SessionContext
 from maitred_tx.interfaces import IDelivery, IMessageSink
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure, to_reply
-from maitred_tx.server.calls import call
+from maitred_tx.server.calls import Eventually, then
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.commands import MailFrom, RcptTo
 from maitred_tx.smtp.replies import Reply
@@ -31,9 +31,14 @@ _log = Logger()
 _OUTCOMES = (Accepted, TemporaryFailure, PermanentFailure)
 
 
+_ID_PREFIX = secrets.token_hex(3).upper()  # differs from run to run
+_ID_COUNTER = itertools.count(1)
+
+
 def new_id() -> str:
-    """A short unique id for sessions and transactions (logs, Received:)."""
-    return secrets.token_hex(6).upper()
+    """A short id, unique per process run, for sessions and transactions (logs,
+    Received:).  A counter behind a random prefix: cheap enough for every message."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):07X}"
 
 
 def _reply(result: Any, accepted: Reply, what: str) -> Reply | None:
@@ -51,8 +56,15 @@ def _failed(failure: Failure, what: str) -> Reply:
     return R.R451_LOCAL_ERROR
 
 
-def _answer(d: Deferred[Any], accepted: Reply, what: str) -> Deferred[Reply | None]:
-    return d.addCallbacks(lambda r: _reply(r, accepted, what), lambda f: _failed(f, what))
+def _answer(
+    fn: Callable[..., Any], args: tuple[Any, ...], accepted: Reply, what: str
+) -> Eventually[Reply | None]:
+    return then(fn, args, lambda r: _reply(r, accepted, what), lambda f: _failed(f, what))
+
+
+def _keep_capabilities(result: Any) -> Reply | None:
+    # Accepted keeps the EHLO/LHLO reply: it is the capability list.
+    return _reply(None if isinstance(result, Accepted) else result, R.R250_OK, "hello()")
 
 
 def message_reply(outcomes: Outcome | Sequence[Outcome], count: int) -> list[Reply]:
@@ -102,37 +114,36 @@ class Policy:
     def __init__(self, delivery: Any, context: SessionContext) -> None:
         self.delivery = IDelivery(delivery)
         self.context = context
+        self.transaction_id = ""
 
-    def hello(self) -> Deferred[Reply | None]:
-        def capabilities(result: Any) -> Any:
-            # Accepted keeps the EHLO/LHLO reply: it is the capability list.
-            return None if isinstance(result, Accepted) else result
-
-        d = call(self.delivery.hello, self.context).addCallback(capabilities)
-        return _answer(d, R.R250_OK, "hello()")
-
-    def mail(self, command: MailFrom) -> Deferred[Reply | None]:
-        d = call(self.delivery.mail_from, self.context, command.sender, command.params)
-        return _answer(d, R.R250_SENDER_OK, "mail_from()")
-
-    def rcpt(self, command: RcptTo, txn: Transaction) -> Deferred[Reply | None]:
-        envelope = self.envelope(txn)
-        d = call(
-            self.delivery.rcpt_to, self.context, envelope, command.recipient, command.params
+    def hello(self) -> Eventually[Reply | None]:
+        return then(
+            self.delivery.hello,
+            (self.context,),
+            _keep_capabilities,
+            lambda f: _failed(f, "hello()"),
         )
-        return _answer(d, R.R250_RCPT_OK, "rcpt_to()")
 
-    def envelope(self, txn: Transaction, message_id: str = "") -> Envelope:
+    def mail(self, command: MailFrom) -> Eventually[Reply | None]:
+        self.transaction_id = new_id()  # the Envelope.message_id of this transaction
+        args = (self.context, command.sender, command.params)
+        return _answer(self.delivery.mail_from, args, R.R250_SENDER_OK, "mail_from()")
+
+    def rcpt(self, command: RcptTo, txn: Transaction) -> Eventually[Reply | None]:
+        args = (self.context, self.envelope(txn), command.recipient, command.params)
+        return _answer(self.delivery.rcpt_to, args, R.R250_RCPT_OK, "rcpt_to()")
+
+    def envelope(self, txn: Transaction) -> Envelope:
         return Envelope(
             session=self.context,
-            message_id=message_id or new_id(),
+            message_id=self.transaction_id,
             sender=txn.sender,
             params=txn.params,
             recipients=tuple(Recipient(m, p) for m, p in txn.recipients),
             chunked=txn.chunked,
         )
 
-    def open(self, envelope: Envelope) -> Deferred[Any]:
+    def open(self, envelope: Envelope) -> Eventually[Any]:
         def opened(sink: Any) -> Any:
             return IMessageSink(sink)
 
@@ -140,16 +151,16 @@ class Policy:
             _log.failure("open_message() failed: the message gets 451", failure)
             return _FailedSink(envelope)
 
-        # addErrback after addCallback: a result that is no IMessageSink fails too.
-        return call(self.delivery.open_message, envelope).addCallback(opened).addErrback(broken)
+        # A result that is no IMessageSink fails too.
+        return then(self.delivery.open_message, (envelope,), opened, broken)
 
     @staticmethod
-    def close(sink: Any, count: int) -> Deferred[list[Reply]]:
+    def close(sink: Any, count: int) -> Eventually[list[Reply]]:
         def closed(result: Any) -> list[Reply]:
             return message_reply(result, count)
 
         def broken(failure: Failure) -> list[Reply]:
             return [_failed(failure, "close()")] * count
 
-        # addErrback after addCallback: a result that is no outcome fails too.
-        return call(sink.close).addCallback(closed).addErrback(broken)
+        # A result that is no outcome fails too.
+        return then(sink.close, (), closed, broken)

@@ -214,8 +214,11 @@ class SMTPServerProtocol(Protocol):
         else:
             transport.pauseProducing()  # type: ignore[attr-defined]
 
-    def _wait_for(self, d: Deferred[Any], then: Any) -> None:
-        """Run *then* with the result of *d*; hold the loop until it has run."""
+    def _wait_for(self, d: Any, then: Any) -> None:
+        """Run *then* with *d*'s result; if it is a Deferred, hold the loop until then."""
+        if not isinstance(d, Deferred):
+            then(d)
+            return
         self._waiting += 1
 
         def done(result: Any) -> None:
@@ -255,10 +258,10 @@ class SMTPServerProtocol(Protocol):
         elif isinstance(event, RcptReceived):
             self._wait_for(policy.rcpt(event.command, event.transaction), session.decide)
         elif isinstance(event, MessageStarted):
-            self._message_id = new_id()
+            self._message_id = policy.transaction_id
             self._message_started = time.monotonic()
             self._txn = event.transaction
-            envelope = policy.envelope(event.transaction, self._message_id)
+            envelope = policy.envelope(event.transaction)
             self._wait_for(policy.open(envelope), self._opened)
         elif isinstance(event, MessageComplete):
             count = len(event.transaction.recipients)

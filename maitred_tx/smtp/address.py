@@ -17,7 +17,9 @@ parsed all the same and :attr:`Mailbox.is_utf8` lets the caller answer 553 5.6.7
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
@@ -125,6 +127,14 @@ def split_path_argument(arg: str) -> tuple[str, str]:
     text = arg.lstrip(" ")
     if not text.startswith("<"):
         raise AddressError("path not in angle brackets")
+    if '"' not in text:  # the usual case: no quoted string, the first '>' ends the path
+        end = text.find(">")
+        if end < 0:
+            raise AddressError("unbalanced angle brackets or quotes")
+        rest = text[end + 1 :]
+        if rest and not rest.startswith(" "):
+            raise AddressError("no space between path and parameters")
+        return text[: end + 1], rest.strip(" ")
     in_quote = False
     i = 1
     while i < len(text):
@@ -169,6 +179,14 @@ def parse_forward_path(path: str, *, smtputf8: bool) -> Mailbox:
     return _parse_path(path)
 
 
+# The shape of nearly every real path: an ASCII dot-atom at an ASCII LDH domain.  It is
+# a strict subset of what the full parser accepts, so matching it is only a shortcut.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PLAIN_PATH: Final = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*\.?)>")
+
+
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
     """The comparison form of a domain name: lower case, Unicode (U-label) form, NFC.
 
@@ -227,6 +245,9 @@ def _check_ldh(label: str) -> None:
 
 def _parse_path(path: str) -> Mailbox:
     """RFC 5321 4.1.2 Path = "<" [ A-d-l ":" ] Mailbox ">"."""
+    fast = _PLAIN_PATH.fullmatch(path)
+    if fast is not None and len(path) <= MAX_PATH_OCTETS:
+        return Mailbox(fast.group(1), normalize_domain(fast.group(2)), False, False, False)
     if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_OCTETS:  # RFC 5321 4.5.3.1.3
         raise AddressError("path too long")
     if not (path.startswith("<") and path.endswith(">")) or len(path) < 2:

@@ -7,6 +7,7 @@ with EHLO or LHLO (RFC 2034 section 3); the greeting and the EHLO reply never ca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -50,6 +51,9 @@ class Reply:
 
     def encode(self, enhanced: bool = True) -> bytes:
         """Wire form, CRLF-terminated; multi-line replies use ``code-`` continuation."""
+        return _encode(self, enhanced)
+
+    def _encode(self, enhanced: bool) -> bytes:
         prefix = f"{self.status} " if enhanced and self.status else ""
         lines = self.text or ("",)
         last = len(lines) - 1
@@ -60,6 +64,12 @@ class Reply:
             clean = line.replace("\r", " ").replace("\n", " ")
             out.append(f"{self.code}{sep}{prefix}{clean}\r\n")
         return "".join(out).encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=512)
+def _encode(reply: Reply, enhanced: bool) -> bytes:
+    # The catalogue is small and replies repeat: each wire form is built once.
+    return reply._encode(enhanced)
 
 
 def _r(code: int, status: str | None, *text: str) -> Reply:
