@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 
 from maitred_tx.envelope import SessionContext
 from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
-from maitred_tx.smtp.commands import Helo
+from maitred_tx.smtp.address import Mailbox
+from maitred_tx.smtp.commands import Helo, RcptTo
 from maitred_tx.smtp.config import Config
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.session import (
@@ -35,6 +36,7 @@ from maitred_tx.smtp.session import (
     MessageData,
     MessageStarted,
     RcptReceived,
+    Refused,
     ServerSession,
     SessionInfo,
     Transaction,
@@ -268,6 +270,22 @@ class SMTPServerProtocol(Protocol):
             sink, self._sink = self._sink, None
             size = event.transaction.size
             self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size))
+        elif isinstance(event, Refused):
+            refused = event.command
+            address: Mailbox | None
+            if isinstance(refused, RcptTo):
+                verb, address = "RCPT", refused.recipient
+            else:
+                verb, address = "MAIL", refused.sender
+            _log.info(
+                "{peer} {verb} <{address}> refused: {code} {status}",
+                peer=policy.context.peer_host,
+                session_id=policy.context.session_id,
+                verb=verb,
+                address="" if address is None else str(address),
+                code=event.reply.code,
+                status=event.reply.status,
+            )
         elif isinstance(event, MessageAborted):
             sink, self._sink = self._sink, None
             if sink is not None:

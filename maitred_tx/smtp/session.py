@@ -57,6 +57,7 @@ __all__ = [
     "MessageData",
     "MessageStarted",
     "RcptReceived",
+    "Refused",
     "ServerSession",
     "SessionInfo",
     "Transaction",
@@ -162,6 +163,14 @@ class MessageAborted(Event):
     """The started body will not complete (limit, RSET, ...): discard the sink."""
 
     reply: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused(Event):
+    """A MAIL or RCPT was refused (by policy or by the delivery), for the log."""
+
+    command: MailFrom | RcptTo
+    reply: Reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,9 +354,9 @@ class ServerSession:
     def _on_mail(self, command: MailFrom) -> None:
         params = command.params
         if params.size is not None and params.size > self._limits.max_message_size:
-            self._error(R.R552_TOO_BIG)  # RFC 1870 6.2
+            self._refuse(command, R.R552_TOO_BIG)  # RFC 1870 6.2
         elif command.sender is not None and command.sender.is_utf8 and not params.smtputf8:
-            self._error(R.R553_NEEDS_SMTPUTF8)  # RFC 6531 3.4
+            self._refuse(command, R.R553_NEEDS_SMTPUTF8)  # RFC 6531 3.4
         else:
             self._wait(command, MailReceived(command))
 
@@ -358,9 +367,9 @@ class ServerSession:
         if len(txn.recipients) >= self._limits.max_recipients:
             self._send(R.R452_TOO_MANY_RCPTS)  # RFC 5321 4.5.3.1.10; not a peer error
         elif rcpt.is_utf8 and not txn.smtputf8:
-            self._error(R.R553_NEEDS_SMTPUTF8)
+            self._refuse(command, R.R553_NEEDS_SMTPUTF8)
         elif not self._may_relay() and (rcpt.has_relay_syntax or not self._is_local(rcpt)):
-            self._error(R.R550_RELAY_DENIED)
+            self._refuse(command, R.R550_RELAY_DENIED)
         else:
             self._wait(command, RcptReceived(command, txn))
 
@@ -451,7 +460,7 @@ class ServerSession:
 
     def _decided_mail(self, command: MailFrom, reply: Reply | None) -> None:
         if reply is not None and not reply.is_positive:
-            self._error(reply)
+            self._refuse(command, reply)
             return
         self.transaction = Transaction(command.sender, command.params)
         self.state = State.MAIL
@@ -459,7 +468,7 @@ class ServerSession:
 
     def _decided_rcpt(self, command: RcptTo, reply: Reply | None) -> None:
         if reply is not None and not reply.is_positive:
-            self._error(reply)
+            self._refuse(command, reply)
             return
         txn = self.transaction
         assert txn is not None
@@ -571,6 +580,11 @@ class ServerSession:
 
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.encode(self.info.esmtp))
+
+    def _refuse(self, command: MailFrom | RcptTo, reply: Reply) -> None:
+        """A sender or recipient refused: worth a log line (dictionary attacks, typos)."""
+        self._events.append(Refused(command, reply))
+        self._error(reply)
 
     def _error(self, reply: Reply) -> None:
         """Send a negative reply and count it; too many ends the session (421 4.7.0)."""

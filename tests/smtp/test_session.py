@@ -23,6 +23,7 @@ from maitred_tx.smtp.session import (
     MessageData,
     MessageStarted,
     RcptReceived,
+    Refused,
     ServerSession,
 )
 from maitred_tx.smtp.state import State
@@ -1122,7 +1123,8 @@ def test_pipelined_batch_waits_for_each_decision() -> None:
     assert rcpt_x.command.recipient == Mailbox("x", "localhost")
     assert session.data_to_send() == b""
     session.decide(R.R550_NO_SUCH_USER)
-    [rcpt_y, paused] = drain(session)
+    [refused, rcpt_y, paused] = drain(session)
+    assert isinstance(refused, Refused) and refused.reply == R.R550_NO_SUCH_USER
     assert isinstance(rcpt_y, RcptReceived) and paused is PAUSED
     session.decide()
     events = drain(session)
