@@ -9,15 +9,12 @@ twisted.mail hands it bytes too).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.logger import capturedLogs
 from twisted.mail import smtp
 from twisted.mail.interfaces import IMessageDeliveryFactory
@@ -25,9 +22,9 @@ from zope.interface import implementer
 
 from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.smtp.config import Config
+from maitred_tx.testing import FakeConnection
 
 CONFIG = Config(hostname="mx.test", local_domains=frozenset({"example.org", "example.net"}))
-_LINE = re.compile(rb"^(\d{3})([ -])(?:(\d\.\d{1,3}\.\d{1,3}) )?(.*)$")
 
 
 # --- Twisted's documentation example, as written there --------------------------------
@@ -81,35 +78,15 @@ def _fresh_lists() -> Iterator[None]:
 # --- the wire -------------------------------------------------------------------------
 
 
-class Wire:
+class Wire(FakeConnection):
     def __init__(self, delivery: Any, clock: Clock | None = None,
                  factory: SMTPFactory | None = None) -> None:
-        self.clock = clock or Clock()
-        self.factory = factory or SMTPFactory(self.clock, CONFIG, delivery)
-        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
-        self.transport = StringTransportWithDisconnection(
-            peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        self.transport.protocol = self.protocol
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
+        super().__init__(delivery, CONFIG, clock=clock, factory=factory)
         assert self.send(b"EHLO client.test\r\n") == [
             (220, None, "mx.test ESMTP maitred_tx"), (250, None, "DSN")]
 
-    def send(self, data: bytes) -> list[tuple[int, str | None, str]]:
-        self.protocol.dataReceived(data)
-        out = self.transport.value()
-        new, self._seen = out[self._seen :], len(out)
-        replies = []
-        for line in new.split(b"\r\n")[:-1]:
-            m = _LINE.match(line)
-            assert m is not None, line
-            if m.group(2) == b" ":
-                status = m.group(3).decode() if m.group(3) else None
-                replies.append((int(m.group(1)), status, m.group(4).decode()))
-        return replies
-
-    def codes(self, data: bytes) -> list[tuple[int, str | None]]:
-        return [(c, s) for c, s, _ in self.send(data)]
+    def send(self, data: bytes, mode: str = "whole") -> list[Any]:  # type: ignore[override]
+        return [(r.code, r.status, r.text) for r in super().send(data, mode)]
 
 
 ENVELOPE = b"MAIL FROM:<someone@sender.test>\r\nRCPT TO:<console@example.org>\r\nDATA\r\n"

@@ -3,23 +3,18 @@ StringTransport: refusals, one sink for all recipients, chunks in order, binary-
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransportWithDisconnection
 
 from maitred_tx.delivery.base import Delivery, MessageSink
 from maitred_tx.envelope import Envelope
 from maitred_tx.outcomes import Accepted, PermanentFailure, TemporaryFailure
-from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.smtp.config import Config
+from maitred_tx.testing import FakeConnection
 
 CONFIG = Config(hostname="mx.test", local_domains=frozenset({"example.com", "example.net"}))
-_LINE = re.compile(rb"^(\d{3})([ -])(?:(\d\.\d{1,3}\.\d{1,3}) )?(.*)$")
 
 # --- the README example, with store_ticket keeping tickets in a list ------------------
 
@@ -77,35 +72,12 @@ def _fresh() -> Iterator[None]:
 # --- the wire -------------------------------------------------------------------------
 
 
-class Wire:
+class Wire(FakeConnection):
     def __init__(self, config: Config = CONFIG) -> None:
-        self.factory = SMTPFactory(Clock(), config, Tickets())
-        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
-        self.transport = StringTransportWithDisconnection(
-            peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        self.transport.protocol = self.protocol
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
+        super().__init__(Tickets(), config)
 
     def feed(self, data: bytes, mode: str = "whole") -> list[tuple[int, str | None, str]]:
-        if mode == "whole":
-            pieces = [data]
-        elif mode == "lines":
-            pieces = data.splitlines(keepends=True)
-        else:
-            pieces = [data[i : i + 1] for i in range(len(data))]
-        for piece in pieces:
-            self.protocol.dataReceived(piece)
-        out = self.transport.value()
-        new, self._seen = out[self._seen :], len(out)
-        replies = []
-        for line in new.split(b"\r\n")[:-1]:
-            m = _LINE.match(line)
-            assert m is not None, line
-            if m.group(2) == b" ":
-                status = m.group(3).decode() if m.group(3) else None
-                replies.append((int(m.group(1)), status, m.group(4).decode()))
-        return replies
+        return [(r.code, r.status, r.text) for r in self.send(data, mode)]
 
 
 MODES = ["whole", "lines", "bytes"]

@@ -7,15 +7,12 @@ and its enhanced code (None where the peer has not negotiated ENHANCEDSTATUSCODE
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from zope.interface import implementer
 
@@ -26,73 +23,35 @@ from maitred_tx.interfaces import IMessageSink
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure
 from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.smtp.config import Config, Limits
+from maitred_tx.testing import FakeConnection
 
 CONFIG = Config(hostname="mx.test", local_domains=frozenset({"example.org"}))
 LMTP = Config(hostname="mx.test", local_domains=frozenset({"example.org"}), lmtp=True)
 
 Code = tuple[int, str | None]
-_LINE = re.compile(rb"^(\d{3})([ -])(?:(\d\.\d{1,3}\.\d{1,3}) )?(.*)$")
 
 
-class Transport(StringTransportWithDisconnection):
-    """Counts writes and records TCP_NODELAY, like a TCP transport would offer."""
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        self.writes: list[bytes] = []
-        self.nodelay: bool | None = None
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        super().write(data)
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.nodelay = enabled
-
-
-class Wire:
-    """One connection: bytes in, parsed replies out."""
+class Wire(FakeConnection):
+    """One connection: bytes in, parsed replies out as (code, enhanced, last line)."""
 
     def __init__(
         self, delivery: Any, config: Config = CONFIG, clock: Clock | None = None,
         factory: SMTPFactory | None = None,
     ) -> None:
-        self.clock = clock or Clock()
-        self.factory = factory or SMTPFactory(self.clock, config, delivery)
-        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
-        self.transport = Transport()
-        self.transport.protocol = self.protocol
-        self.protocol.makeConnection(self.transport)
-        self._seen = 0
+        super().__init__(delivery, config, clock=clock, factory=factory)
 
-    def send(self, data: bytes) -> list[tuple[int, str | None, str]]:
-        self.protocol.dataReceived(data)
-        return self.replies()
+    def send(self, data: bytes, mode: str = "whole") -> list[Any]:  # type: ignore[override]
+        return [(r.code, r.status, r.text) for r in super().send(data, mode)]
 
-    def replies(self) -> list[tuple[int, str | None, str]]:
-        """Complete replies written since the last call: (code, enhanced, last line)."""
-        out = self.transport.value()
-        new, self._seen = out[self._seen :], len(out)
-        assert new == b"" or new.endswith(b"\r\n"), new
-        replies = []
-        for line in new.split(b"\r\n")[:-1]:
-            m = _LINE.match(line)
-            assert m is not None, line
-            if m.group(2) == b" ":
-                status = m.group(3).decode() if m.group(3) else None
-                replies.append((int(m.group(1)), status, m.group(4).decode()))
-        return replies
+    def replies(self) -> list[Any]:  # type: ignore[override]
+        return [(r.code, r.status, r.text) for r in super().replies()]
 
-    def codes(self, data: bytes) -> list[Code]:
-        return [(c, s) for c, s, _ in self.send(data)]
+    def codes(self, data: bytes, mode: str = "whole") -> list[Code]:
+        return [(c, s) for c, s, _ in self.send(data, mode)]
 
     @property
     def state(self) -> str:
-        return self.transport.producerState
-
-    @property
-    def connected(self) -> bool:
-        return bool(self.transport.connected)
+        return str(self.transport.producerState)
 
 
 def greeted(delivery: Any, config: Config = CONFIG, **kw: Any) -> Wire:
@@ -847,3 +806,21 @@ def test_immediate_answers_still_use_deferreds_safely() -> None:
                          rcpt_to=lambda rcpt: succeed(None))
     wire = greeted(delivery)
     assert wire.codes(MESSAGE) == MESSAGE_CODES
+
+
+def test_refused_recipients_are_logged_once_each() -> None:
+    """Refusals by policy (relay) and by the delivery both leave one log event."""
+
+    class NoBob(Delivery):
+        def rcpt_to(self, context: Any, envelope: Any, recipient: Any, params: Any) -> Any:
+            return PermanentFailure("No such user", 550, "5.1.1")
+
+    wire = greeted(NoBob())
+    with capturedLogs() as events:
+        codes = wire.codes(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<bob@example.org>\r\n"
+                           b"RCPT TO:<x@elsewhere.test>\r\n")
+    assert codes == [(250, "2.1.0"), (550, "5.1.1"), (550, "5.7.1")]
+    refused = [e for e in events if e.get("verb") == "RCPT"]
+    assert [(e["address"], e["code"], e["status"]) for e in refused] == [
+        ("bob@example.org", 550, "5.1.1"), ("x@elsewhere.test", 550, "5.7.1")]
+    assert all(e["peer"] == "192.0.2.7" for e in refused)
