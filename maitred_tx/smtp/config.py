@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 __all__ = ["BareLineEndings", "Config", "Limits"]
 
 
+class Mode(enum.Enum):
+    """What a listener is for; each has its own rules (issue: modes per listener)."""
+
+    MX = "mx"  # mail from the world for the local domains; AUTH refused
+    SUBMISSION = "submission"  # RFC 6409: authenticated users, any recipient domain
+    LMTP = "lmtp"  # RFC 2033: LHLO, one reply per recipient after the body
+
+
 class BareLineEndings(enum.Enum):
     """What to do with a bare CR or bare LF inside a message body.
 
@@ -54,6 +62,17 @@ class Limits:
     # A whole session may not last longer than this (Postfix smtpd_per_request_deadline
     # is the idea; no RFC sets one).  Ends slow-drip sessions that reset the idle timer.
     session_deadline: float = 1800.0
+    # Failed AUTH attempts before 421 4.7.0 and close; each failure is answered later
+    # and later (RFC 4954 4 leaves the limit to the server; Postfix closes after 20
+    # errors, we are stricter because each guess is a password guess).
+    max_auth_failures: int = 3
+    # Simultaneous sessions from one client address (Postfix
+    # smtpd_client_connection_count_limit is 50); 0 means no limit.
+    max_client_connections: int = 50
+    # New sessions and messages per client address per minute (Postfix's
+    # *_rate_limit; off there by default, off here too); 0 means no limit.
+    max_client_connection_rate: int = 0
+    max_client_message_rate: int = 0
 
     def __post_init__(self) -> None:
         if self.max_recipients < 100:
@@ -62,7 +81,7 @@ class Limits:
             raise ValueError("max_command_line must be at least 512 (RFC 5321 4.5.3.1.4)")
         if self.max_text_line < 1000:
             raise ValueError("max_text_line must be at least 1000 (RFC 5321 4.5.3.1.6)")
-        for name in ("max_header_block", "max_message_size", "max_errors"):
+        for name in ("max_header_block", "max_message_size", "max_errors", "max_auth_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         for name in ("command_timeout", "data_timeout", "session_deadline"):
@@ -83,7 +102,23 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     bare_line_endings: BareLineEndings = BareLineEndings.REJECT
     relay: bool = False
-    lmtp: bool = False
+    mode: Mode = Mode.MX
+    # A certificate is configured: offer STARTTLS (RFC 3207) on this listener.
+    starttls: bool = False
+    # Refuse MAIL until the session is under TLS (RFC 3207 4: 530 5.7.0).
+    require_tls: bool = False
+    # A twisted.cred portal is configured: AUTH may be offered (never in MX or LMTP).
+    auth: bool = False
+    # DANGEROUS: offer AUTH on a cleartext session (passwords in the clear).
+    insecure_auth: bool = False
+
+    @property
+    def lmtp(self) -> bool:
+        return self.mode is Mode.LMTP
+
+    @property
+    def submission(self) -> bool:
+        return self.mode is Mode.SUBMISSION
 
     def __post_init__(self) -> None:
         from maitred_tx.smtp.address import normalize_domain

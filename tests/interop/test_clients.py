@@ -18,7 +18,7 @@ from twisted.mail.smtp import sendmail as twisted_sendmail
 from maitred_tx.delivery.maildir import MaildirDelivery
 from maitred_tx.delivery.memory import MemoryDelivery
 from maitred_tx.outcomes import Accepted, TemporaryFailure
-from maitred_tx.smtp.config import Config
+from maitred_tx.smtp.config import Config, Mode
 
 MESSAGE = (
     b"From: a@b.org\r\n"
@@ -295,7 +295,7 @@ class PerRecipient(MemoryDelivery):
 
 @pytest_twisted.ensureDeferred
 async def test_smtplib_lmtp(serve):
-    server = serve(Config(hostname="mx.test", lmtp=True), PerRecipient())
+    server = serve(Config(hostname="mx.test", mode=Mode.LMTP), PerRecipient())
 
     def send() -> tuple[dict, list[tuple[int, str | None]]]:
         with smtplib.LMTP("127.0.0.1", server.port, local_hostname="client.test") as s:

@@ -22,11 +22,11 @@ from maitred_tx.envelope import Envelope
 from maitred_tx.interfaces import IMessageSink
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure
 from maitred_tx.server.factory import SMTPFactory
-from maitred_tx.smtp.config import Config, Limits
+from maitred_tx.smtp.config import Config, Limits, Mode
 from maitred_tx.testing import FakeConnection
 
 CONFIG = Config(hostname="mx.test", local_domains=frozenset({"example.org"}))
-LMTP = Config(hostname="mx.test", local_domains=frozenset({"example.org"}), lmtp=True)
+LMTP = Config(hostname="mx.test", local_domains=frozenset({"example.org"}), mode=Mode.LMTP)
 
 Code = tuple[int, str | None]
 

@@ -8,7 +8,7 @@ from transcript import EHLO, Step, parse_replies, run
 
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import Mailbox
-from maitred_tx.smtp.config import BareLineEndings, Config, Limits
+from maitred_tx.smtp.config import BareLineEndings, Config, Limits, Mode
 from maitred_tx.smtp.params import BodyType, MailParams, Notify, RcptParams, Ret
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.session import (
@@ -61,7 +61,7 @@ def test_greeting_has_no_enhanced_code() -> None:
 
 
 def test_lmtp_greeting() -> None:
-    session = ServerSession(Config(hostname="mx.example", lmtp=True))
+    session = ServerSession(Config(hostname="mx.example", mode=Mode.LMTP))
     assert session.data_to_send() == b"220 mx.example LMTP maitred_tx\r\n"
 
 
@@ -1157,7 +1157,7 @@ def test_decide_misuse_raises() -> None:
 
 # --- LMTP --------------------------------------------------------------------------------------
 
-LMTP = Config(lmtp=True)
+LMTP = Config(mode=Mode.LMTP)
 
 
 def test_lmtp_one_reply_per_recipient() -> None:
