@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IDelivery", "IMessageSink"]
+__all__ = ["IDelivery", "IMessageSink", "ISubmissionUser"]
 
 
 class IDelivery(Interface):
@@ -56,3 +56,18 @@ class IMessageSink(Interface):
 
     def abort():
         """The body will not complete (limit, RSET, lost connection): discard it."""
+
+
+class ISubmissionUser(Interface):
+    """Optionally provided by the avatar a realm returns for an authenticated user.
+
+    Without it, an identity that is an address may send as that address only, and a
+    bare user name as that name at each local domain.
+    """
+
+    def allowed_senders(identity):
+        """The addresses *identity* may use in MAIL FROM and From: (case-insensitive)."""
+
+    def may_act_as(identity, authzid):
+        """True if *identity* may authorize as *authzid* (RFC 4616 2: SASL PLAIN's
+        authorization identity); the default refuses any authzid but the identity."""
