@@ -4,13 +4,20 @@ twisted/plugins/ only names this module, so plugin scans stay cheap."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from ipaddress import ip_network
 from typing import Any, ClassVar
 
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
 from twisted.logger import Logger
 from twisted.python import reflect, usage
+from zope.interface import implementer
 
+from maitred_tx.server.tls import server_context
 from maitred_tx.service import DEFAULT_LISTEN, SMTPService
-from maitred_tx.smtp.config import BareLineEndings, Config, Limits
+from maitred_tx.smtp.config import BareLineEndings, Config, Limits, Mode
 
 __all__ = ["Options", "makeService"]
 
@@ -25,6 +32,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _natural(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"{value} is negative")
+    return number
+
+
 def _seconds(value: str) -> float:
     number = float(value)
     if number <= 0:
@@ -32,16 +46,20 @@ def _seconds(value: str) -> float:
     return number
 
 
-class Options(usage.Options):
+class Options(usage.Options, strcred.AuthOptionMixin):
     synopsis = "[options]"
     longdesc = (
         "Receive mail over ESMTP into a Maildir (or your own delivery).  Listens on "
         "127.0.0.1:2525 and accepts mail for 'localhost' unless told otherwise; it is "
         "never an open relay unless --relay is given."
     )
+    supportedInterfaces = (IUsernamePassword,)
     optFlags: ClassVar[list[list[Any]]] = [
         ["relay", None, "DANGEROUS: accept mail for every domain (an open relay "
                         "unless the listener is protected otherwise)."],
+        ["require-tls", None, "Refuse MAIL until the session uses TLS (530 5.7.0)."],
+        ["insecure-auth", None, "DANGEROUS: offer AUTH on cleartext sessions "
+                                "(passwords readable on the wire)."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["hostname", None, None, "Name used in the greeting, EHLO and Received: "
@@ -73,6 +91,18 @@ class Options(usage.Options):
                                                        "data.", _seconds],
         ["session-deadline", None, _DEFAULTS.session_deadline, "Longest session in "
                                                                "seconds.", _seconds],
+        ["tls-cert", None, None, "PEM certificate (with chain) for STARTTLS on the TCP "
+                                 "listeners and for ssl: endpoints."],
+        ["tls-key", None, None, "PEM private key for --tls-cert (default: in that file)."],
+        ["max-auth-failures", None, _DEFAULTS.max_auth_failures, "Failed AUTH attempts "
+                                                                 "before 421 and close.",
+         _positive_int],
+        ["max-client-connections", None, _DEFAULTS.max_client_connections,
+         "Simultaneous sessions per client address (0: no limit).", _natural],
+        ["max-client-connection-rate", None, _DEFAULTS.max_client_connection_rate,
+         "New sessions per client address per minute (0: no limit).", _natural],
+        ["max-client-message-rate", None, _DEFAULTS.max_client_message_rate,
+         "Messages per client address per minute (0: no limit).", _natural],
         ["bare-line-endings", None, "reject", "A bare CR or LF inside a message: "
                                               "'reject' (550 5.6.0) or 'accept' (store "
                                               "as sent).  Neither ever ends DATA."],
@@ -81,12 +111,33 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["submission"] = []
+        self["lmtp"] = []
         self["domain"] = []
+        self["trusted-proxy"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Twisted server endpoint string to listen on (repeatable; default
-        tcp:2525:interface=127.0.0.1)."""
+        """Twisted server endpoint string for an MX listener (repeatable; default
+        tcp:2525:interface=127.0.0.1 when no listener is given)."""
         self["listen"].append(description)
+
+    def opt_submission(self, description: str) -> None:
+        """Endpoint string for a submission listener (587/465 style: AUTH first, any
+        recipient domain; repeatable)."""
+        self["submission"].append(description)
+
+    def opt_lmtp(self, description: str) -> None:
+        """Endpoint string for an LMTP listener (RFC 2033; tcp: or unix:; repeatable)."""
+        self["lmtp"].append(description)
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """Network (CIDR) allowed to send PROXY protocol v1/v2 headers and XCLIENT
+        (repeatable)."""
+        try:
+            ip_network(network, strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy: {e}") from None
+        self["trusted-proxy"].append(network)
 
     def opt_domain(self, domain: str) -> None:
         """A domain to accept mail for (repeatable; default: localhost)."""
@@ -113,6 +164,10 @@ class Options(usage.Options):
             max_recipients=self["max-recipients"],
             max_message_size=self["max-size"],
             max_errors=self["max-errors"],
+            max_auth_failures=self["max-auth-failures"],
+            max_client_connections=self["max-client-connections"],
+            max_client_connection_rate=self["max-client-connection-rate"],
+            max_client_message_rate=self["max-client-message-rate"],
             command_timeout=self["command-timeout"],
             data_timeout=self["data-timeout"],
             session_deadline=self["session-deadline"],
@@ -123,6 +178,8 @@ class Options(usage.Options):
             limits=limits,
             bare_line_endings=BareLineEndings(self["bare-line-endings"]),
             relay=bool(self["relay"]),
+            require_tls=bool(self["require-tls"]),
+            insecure_auth=bool(self["insecure-auth"]),
         )
 
 
@@ -157,5 +214,35 @@ def makeService(options: Options) -> SMTPService:
     delivery = load_delivery(options, reactor)
     if config.relay:
         _log.warn("--relay is set: mail for every domain is accepted (open relay)")
-    listen = options["listen"] or [DEFAULT_LISTEN]
-    return SMTPService(reactor, config, delivery, listen)
+    if config.insecure_auth:
+        _log.warn("--insecure-auth is set: passwords may cross the network in the clear")
+    portal = None
+    if options["credCheckers"]:
+        portal = Portal(DeliveryRealm(delivery), options["credCheckers"])
+    tls = server_context(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
+    listeners = [(d, config) for d in options["listen"]]
+    listeners += [(d, replace(config, mode=Mode.SUBMISSION)) for d in options["submission"]]
+    listeners += [(d, replace(config, mode=Mode.LMTP)) for d in options["lmtp"]]
+    if not listeners:
+        listeners = [(DEFAULT_LISTEN, config)]
+    service = SMTPService(
+        reactor, config, delivery, (), portal=portal, tls=tls,
+        trusted_proxies=options["trusted-proxy"],
+    )
+    for description, listener_config in listeners:
+        service.listen(description, listener_config)
+    return service
+
+
+@implementer(IRealm)
+class DeliveryRealm:
+    """Every authenticated user is served by the one configured delivery."""
+
+    def __init__(self, delivery: Any) -> None:
+        self.delivery = delivery
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        for interface in interfaces:
+            if interface.providedBy(self.delivery):
+                return interface, self.delivery, lambda: None
+        raise LookupError("the delivery provides none of the asked interfaces")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from ipaddress import ip_address, ip_network
 from typing import Any
 
+from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from maitred_tx.delivery.compat import delivery_provider
+from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.server.protocol import SMTPServerProtocol
 from maitred_tx.smtp.config import Config
 
@@ -21,12 +25,41 @@ class SMTPFactory(ServerFactory):
     The reactor is a parameter (for timers), never the global one.
     """
 
-    def __init__(self, reactor: IReactorTime, config: Config, delivery: Any) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: Config,
+        delivery: Any,
+        *,
+        portal: Portal | None = None,
+        tls: Any = None,
+        trusted_proxies: Sequence[str] = (),
+        limiter: ClientLimiter | None = None,
+    ) -> None:
         self.reactor = reactor
         self.config = config
         self.delivery = delivery
         self._new_delivery = delivery_provider(delivery)
         self.connections: set[SMTPServerProtocol] = set()
+        # AUTH (issue: through twisted.cred), STARTTLS context, PROXY/XCLIENT sources.
+        self.portal = portal
+        self.tls = tls
+        self.trusted_proxies = tuple(ip_network(n, strict=False) for n in trusted_proxies)
+        limits = config.limits
+        self.limiter = limiter or ClientLimiter(
+            reactor.seconds,
+            max_connections=limits.max_client_connections,
+            max_connection_rate=limits.max_client_connection_rate,
+            max_message_rate=limits.max_client_message_rate,
+        )
+
+    def is_trusted_proxy(self, host: str) -> bool:
+        """True if *host* may send PROXY headers and XCLIENT (issue 4: trusted only)."""
+        try:
+            address = ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
 
     def buildProtocol(self, addr: IAddress | None) -> SMTPServerProtocol:  # type: ignore[override]
         protocol = SMTPServerProtocol(self.config, self._new_delivery(), self.reactor)
