@@ -217,7 +217,7 @@ def makeService(options: Options) -> SMTPService:
     if config.insecure_auth:
         _log.warn("--insecure-auth is set: passwords may cross the network in the clear")
     portal = None
-    if options["credCheckers"]:
+    if options.get("credCheckers"):
         portal = Portal(DeliveryRealm(delivery), options["credCheckers"])
     tls = server_context(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
     listeners = [(d, config) for d in options["listen"]]
