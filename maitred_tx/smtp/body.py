@@ -1,9 +1,10 @@
 """Message body receivers: DATA (RFC 5321 4.1.1.4, 4.5.2) and BDAT chunks (RFC 3030).
 
-The body is never handled line by line.  ``DataReceiver`` scans each buffer with one
-C-level search for ``CRLF "."`` — the only place where a line start matters — so the
-end marker and dot-unstuffing cost one pass, and everything between two dot lines is
-passed on as one slice.  Only the exact sequence CRLF "." CRLF ends DATA (4.1.1.4); a
+The body is never handled line by line.  ``DataReceiver`` treats each buffer with two
+C-level passes — ``bytes.find`` for the end marker, ``bytes.replace`` of ``CRLF "."``
+(the only place where a line start matters) for dot-unstuffing — and passes the whole
+buffer on as one piece, so the Python work per buffer does not grow with the number
+of lines or of dot lines.  Only the exact sequence CRLF "." CRLF ends DATA (4.1.1.4); a
 bare CR or LF never does, whatever the bare-line-ending policy says, which closes the
 SMTP smuggling family (CVE-2023-51764 and kin).
 
@@ -15,7 +16,6 @@ found — but pass nothing on, and the session answers with the recorded reply a
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 from maitred_tx.smtp import replies as R
@@ -24,9 +24,9 @@ from maitred_tx.smtp.replies import Reply
 
 __all__ = ["BdatReceiver", "ContentChecker", "DataReceiver"]
 
-# re's literal-prefix search beats bytes.find for this three-byte needle.
-_DOT_LINE: Final = re.compile(rb"\r\n\.")
-# Every byte but CR and LF, for the bare-line-ending check (see _check_bare).
+_END: Final = b"\r\n.\r\n"  # the end of DATA (RFC 5321 4.1.1.4)
+_LINE_DOT: Final = b"\r\n."  # a line starting with a dot (4.5.2: the dot is dropped)
+_CRLF: Final = b"\r\n"
 # Every byte but NUL, CR and LF, for the bare-line-ending and NUL check (_check_bare).
 _NOT_CRLF_NUL: Final = bytes(b for b in range(256) if b not in (0, 10, 13))
 # Long-line probe step: a line of >= 2*step-1 octets without LF contains a whole
@@ -166,8 +166,9 @@ class ContentChecker:
 class DataReceiver:
     """The DATA body: end marker, dot-unstuffing, size limit, content checks.
 
-    ``feed`` returns the unstuffed bytes it can pass on now and, once CRLF.CRLF has
-    been seen, the index in *data* just past it (what follows is pipelined commands).
+    ``feed`` returns the unstuffed bytes it can pass on now (at most one piece per
+    call) and, once CRLF.CRLF has been seen, the index in *data* just past it (what
+    follows is pipelined commands).
     """
 
     __slots__ = ("_max_size", "_skip", "_tail", "checker", "error", "size")
@@ -188,61 +189,49 @@ class DataReceiver:
             return [], None
         tail = self._tail
         buf = tail + data if tail else data
-        out: list[bytes] = []
-        start = self._skip
-        search = _DOT_LINE.search
-        pos = 0
-        while (m := search(buf, pos)) is not None:
-            crlf = m.start()
-            dot = crlf + 2
-            after = buf[dot + 1 : dot + 3]
-            if after == b"\r\n":  # CRLF "." CRLF: the end (the first CRLF is content)
-                self._pass(out, buf, start, dot)
-                end = dot + 3 - len(tail)
-                self._check(out)
-                return self._result(out), end
-            if not after or after == b"\r":  # cannot tell yet: hold from the CRLF
-                self._pass(out, buf, start, crlf)
-                self._skip = max(0, start - crlf)
-                self._tail = buf[crlf:]
-                self._check(out)
-                return self._result(out), None
-            self._pass(out, buf, start, dot)  # 4.5.2: drop the leading dot
-            start = pos = dot + 1
-        hold = 2 if buf.endswith(b"\r\n") else 1 if buf.endswith(b"\r") else 0
-        cut = max(start, len(buf) - hold)
-        self._pass(out, buf, start, cut)
-        self._skip = max(0, start - cut)
+        # The first CRLF "." CRLF is the end: a stuffed line never holds one, as the
+        # dot it would need is doubled, so no earlier match can be a line's inside.
+        marker = buf.find(_END)
+        if marker >= 0:
+            cut = marker + 2  # the CRLF before the final dot is content
+            end: int | None = marker + len(_END) - len(tail)
+        else:  # hold what may begin CRLF "." CRLF until the next buffer tells
+            cut = len(buf) - _held(buf)
+            end = None
         self._tail = buf[cut:]
-        self._check(out)
-        return self._result(out), None
+        # 4.5.2: drop the first dot of every line, in one C-level pass.  The held bytes
+        # are outside: a CRLF "." they begin is judged with the bytes that follow.
+        piece = (buf if cut == len(buf) else buf[:cut]).replace(_LINE_DOT, _CRLF)
+        skip = min(self._skip, cut)  # the CRLF is unchanged by the replace
+        if skip:
+            self._skip -= skip
+            piece = piece[skip:]
+        self.size += len(piece)
+        self._check(piece)
+        return ([piece] if piece and self.error is None else []), end
 
-    def _pass(self, out: list[bytes], buf: bytes, start: int, end: int) -> None:
-        if end > start:
-            self.size += end - start
-            if self.error is None:
-                out.append(buf[start:end])
-
-    def _check(self, out: list[bytes]) -> None:
+    def _check(self, piece: bytes) -> None:
         # The content checks see the message as it will be stored: dot-unstuffed, so a
         # line's duplicated leading dot does not count (RFC 5321 4.5.3.1.6).
         if self.error is None:
             if self.size > self._max_size:
                 self.error = R.R552_TOO_BIG  # RFC 1870 6.3
             else:
-                for piece in out:
-                    if self.checker.feed(piece) is not None:
-                        self.error = self.checker.error
-                        break
-
-    def _result(self, out: list[bytes]) -> list[bytes]:
-        return out if self.error is None else []
+                self.error = self.checker.feed(piece)
 
     def finish(self) -> Reply | None:
         """Called once the end marker has been seen: the final verdict on content."""
         if self.error is None:
             self.error = self.checker.finish()
         return self.error
+
+
+def _held(buf: bytes) -> int:
+    """How many bytes at the end of *buf* may begin CRLF "." CRLF."""
+    for n in (4, 3, 2, 1):
+        if buf.endswith(_END[:n]):
+            return n
+    return 0
 
 
 class BdatReceiver:

@@ -123,7 +123,7 @@ def test_held_bytes_are_released() -> None:
     assert receiver.feed(b"abc\r") == ([b"abc"], None)
     assert receiver.feed(b"\n") == ([], None)
     assert receiver.feed(b".") == ([], None)
-    assert receiver.feed(b"x") == ([b"\r\n", b"x"], None)
+    assert receiver.feed(b"x") == ([b"\r\nx"], None)  # one piece per feed
     assert receiver.feed(b"\r\n.\r\nNOOP") == ([b"\r\n"], 5)
     assert receiver.size == 8
     assert receiver.finish() is None
