@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from maitred_tx.smtp import replies as R
@@ -29,8 +29,10 @@ from maitred_tx.smtp.params import (
     parse_rcpt_params,
 )
 from maitred_tx.smtp.replies import Reply
+from maitred_tx.smtp.sasl import SaslError, parse_auth_command
 
 __all__ = [
+    "Auth",
     "Bdat",
     "Command",
     "CommandError",
@@ -47,6 +49,7 @@ __all__ = [
     "Quit",
     "RcptTo",
     "Rset",
+    "StartTls",
     "Vrfy",
     "parse_command",
 ]
@@ -136,6 +139,19 @@ class Expn(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls(Command):
+    """RFC 3207."""
+
+
+@dataclass(frozen=True, slots=True)
+class Auth(Command):
+    """RFC 4954 4: AUTH mechanism [initial-response]; "=" is an empty response."""
+
+    mechanism: str
+    initial: str | None = field(default=None, repr=False)  # may carry a password
+
+
+@dataclass(frozen=True, slots=True)
 class NotImplementedVerb(Command):
     """A verb we know and deliberately do not offer (ETRN, TURN, ...): 502 5.5.1."""
 
@@ -150,8 +166,7 @@ class HttpRequest(Command):
 
 
 # ETRN (RFC 1985), ATRN (RFC 2645), BURL (RFC 4468), TURN (RFC 821): never offered.
-# AUTH and STARTTLS are answered the same way until a listener enables them.
-_NOT_IMPLEMENTED: Final = frozenset({"ETRN", "ATRN", "BURL", "TURN", "AUTH", "STARTTLS"})
+_NOT_IMPLEMENTED: Final = frozenset({"ETRN", "ATRN", "BURL", "TURN"})
 # Postfix's smtpd_forbidden_commands idea: the first word of an HTTP request, or a
 # header line, means a browser or proxy was pointed at us.
 _HTTP_VERBS: Final = frozenset(
@@ -265,6 +280,13 @@ def _no_argument(cls: type[Command]) -> _Parser:
     return parse
 
 
+def _auth(arg: str, verb: str) -> Command:
+    try:
+        return Auth(*parse_auth_command(arg))
+    except SaslError as e:
+        raise CommandError(e.reply) from None
+
+
 def _noop(arg: str, verb: str) -> Command:
     return Noop()  # RFC 5321 4.1.1.9: a parameter string is ignored
 
@@ -296,6 +318,8 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "RSET": _no_argument(Rset),
     "NOOP": _noop,
     "QUIT": _no_argument(Quit),
+    "STARTTLS": _no_argument(StartTls),
+    "AUTH": _auth,
     "HELP": _help,
     "VRFY": _vrfy,
     "EXPN": _expn,

@@ -152,3 +152,52 @@ R554_NO_VALID_RCPTS: Final = _r(554, "5.5.1", "No valid recipients")
 R554_LINE_TOO_LONG: Final = _r(554, "5.6.0", "Message contains a line longer than {limit} octets")
 R554_TRANSACTION_FAILED: Final = _r(554, "5.0.0", "Transaction failed")
 R221_HTTP: Final = _r(221, "2.7.0", "Not an HTTP server, goodbye")
+
+# --- Issue 4 parsers: AUTH exchanges (sasl.py) and XCLIENT (xclient.py) ------------------
+# RFC 4954 4: a malformed AUTH command; 5.5.4 "invalid command arguments" (RFC 3463 3.6).
+R501_AUTH_SYNTAX: Final = _r(501, "5.5.4", "Syntax: AUTH <mechanism> [initial-response]")
+# RFC 4954 4: "the server rejects the AUTH command with a 504 reply" for a mechanism it
+# does not support; RFC 4954 6 / RFC 3463 3.6: 5.5.4.
+R504_AUTH_MECHANISM: Final = _r(504, "5.5.4", "Unrecognized authentication type")
+# RFC 4954 4: a "*" response cancels and "MUST" be answered 501; 5.7.0 "other security
+# status" (RFC 3463 3.8), as Postfix and Exim send it.
+R501_AUTH_CANCELED: Final = _r(501, "5.7.0", "Authentication canceled")
+# RFC 4954 4: a response that is not BASE64 "MUST" be answered 501; 5.5.2 "syntax
+# error" (RFC 3463 3.6): the line itself is malformed.
+R501_AUTH_BASE64: Final = _r(501, "5.5.2", "Invalid base64")
+# RFC 4616 2 (PLAIN) / LOGIN: decoded, but not the mechanism's message grammar (missing
+# NUL, empty authcid or password, not UTF-8, field too long).  Still a syntax error of
+# the response, not wrong credentials, so 501 5.5.2 and not 535 5.7.8.
+R501_AUTH_MALFORMED: Final = _r(501, "5.5.2", "Malformed authentication response")
+# RFC 4954 4 and 6: a line longer than the authentication buffer.
+R500_AUTH_LINE_TOO_LONG: Final = _r(500, "5.5.6", "Authentication Exchange line is too long")
+# XCLIENT (Postfix XCLIENT_README): every refusal is 501 5.5.4, as Postfix answers.
+R501_XCLIENT_SYNTAX: Final = _r(501, "5.5.4", "Syntax: XCLIENT attribute=value ...")
+R501_XCLIENT_UNKNOWN: Final = _r(501, "5.5.4", "Unknown XCLIENT attribute {attribute}")
+R501_XCLIENT_BAD_VALUE: Final = _r(501, "5.5.4", "Bad XCLIENT {attribute} value")
+R501_XCLIENT_DUPLICATE: Final = _r(501, "5.5.4", "XCLIENT attribute {attribute} given twice")
+
+# --- TLS, AUTH, modes, proxies (RFC 3207, RFC 4954, RFC 6409, Postfix XCLIENT) ----------
+R220_READY_TLS: Final = _r(220, "2.0.0", "Ready to start TLS")
+R235_AUTH_OK: Final = _r(235, "2.7.0", "Authentication successful")
+R421_TOO_MANY_AUTH_FAILURES: Final = _r(
+    421, "4.7.0", "{hostname} Too many failed authentications, closing"
+)
+R421_CLIENT_LIMIT: Final = _r(421, "4.7.0", "{hostname} Too many connections from your address")
+R421_CLIENT_RATE: Final = _r(421, "4.7.0", "{hostname} Too many connections, slow down")
+R421_MESSAGE_RATE: Final = _r(421, "4.7.0", "{hostname} Too many messages, slow down")
+R502_STARTTLS_UNAVAILABLE: Final = _r(502, "5.5.1", "STARTTLS not available")
+R503_TLS_ACTIVE: Final = _r(503, "5.5.1", "TLS already active")
+R503_AUTH_UNAVAILABLE: Final = _r(503, "5.5.1", "AUTH not available on this service")
+R503_ALREADY_AUTHENTICATED: Final = _r(503, "5.5.1", "Already authenticated")
+R503_AUTH_IN_TRANSACTION: Final = _r(503, "5.5.1", "AUTH not allowed during a mail transaction")
+R530_AUTH_REQUIRED: Final = _r(530, "5.7.0", "Authentication required")
+R530_TLS_REQUIRED: Final = _r(530, "5.7.0", "Must issue a STARTTLS command first")
+R535_AUTH_FAILED: Final = _r(535, "5.7.8", "Authentication credentials invalid")
+R538_ENCRYPTION_REQUIRED: Final = _r(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
+R550_SENDER_NOT_OWNED: Final = _r(
+    550, "5.7.1", "Sender address not owned by the authenticated user"
+)
+R550_XCLIENT_DENIED: Final = _r(550, "5.7.0", "XCLIENT not allowed")

@@ -21,6 +21,7 @@ from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.body import BdatReceiver, ContentChecker, DataReceiver
 from maitred_tx.smtp.commands import (
+    Auth,
     Bdat,
     Command,
     CommandError,
@@ -37,12 +38,21 @@ from maitred_tx.smtp.commands import (
     Quit,
     RcptTo,
     Rset,
+    StartTls,
     Vrfy,
     parse_command,
 )
 from maitred_tx.smtp.config import Config
 from maitred_tx.smtp.params import BodyType, MailParams, RcptParams
 from maitred_tx.smtp.replies import Reply
+from maitred_tx.smtp.sasl import (
+    MAX_RESPONSE_LINE,
+    Challenge,
+    Credentials,
+    SaslError,
+    SaslExchange,
+)
+from maitred_tx.smtp.sasl import ehlo_keyword as sasl_ehlo_keyword
 from maitred_tx.smtp.state import State, next_state, sequence_error
 
 __all__ = [
@@ -57,8 +67,10 @@ __all__ = [
     "MessageData",
     "MessageStarted",
     "RcptReceived",
+    "AuthRequested",
     "Refused",
     "ServerSession",
+    "StartTlsRequested",
     "SessionInfo",
     "Transaction",
 ]
@@ -85,8 +97,9 @@ class SessionInfo:
     helo: str | None = None  # the EHLO/HELO/LHLO argument, for Received: and logs
     esmtp: bool = False  # EHLO/LHLO used: enhanced status codes are sent (RFC 2034)
     lmtp: bool = False
-    tls: bool = False  # later: STARTTLS / implicit TLS
-    authenticated: str | None = None  # later: AUTH identity; allows relaying
+    tls: bool = False  # STARTTLS done, implicit TLS, or a trusted proxy terminated TLS
+    authenticated: str | None = None  # the AUTH identity; allows relaying
+    trusted: bool = False  # the peer is a trusted proxy: XCLIENT is offered
 
 
 @dataclass(slots=True)
@@ -166,6 +179,19 @@ class MessageAborted(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AuthRequested(Event):
+    """AUTH gave credentials: verify them, then call auth_result()."""
+
+    mechanism: str
+    credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class StartTlsRequested(Event):
+    """220 is queued: write it, start TLS on the transport, then call tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
 class Refused(Event):
     """A MAIL or RCPT was refused (by policy or by the delivery), for the log."""
 
@@ -201,6 +227,8 @@ class ServerSession:
         self._chunk_reply: Reply | None = None  # the reply owed for a refused chunk
         self._pos = 0  # command mode: how much of _in has been parsed
         self._skip_line = False  # discarding the rest of an over-long command line
+        self._sasl: SaslExchange | None = None  # an AUTH exchange reads the next lines
+        self.auth_failures = 0
         self._closing = False
         self._closed = False
         greeting = R.R220_LMTP_GREETING if config.lmtp else R.R220_GREETING
@@ -246,6 +274,9 @@ class ServerSession:
                 return NEED_DATA
             if self._receiver is not None:
                 self._feed_body()
+            elif self._sasl is not None:
+                if not self._read_sasl_line():
+                    return NEED_DATA
             elif not self._read_command():
                 return NEED_DATA
 
@@ -353,7 +384,11 @@ class ServerSession:
 
     def _on_mail(self, command: MailFrom) -> None:
         params = command.params
-        if params.size is not None and params.size > self._limits.max_message_size:
+        if self.config.require_tls and not self.info.tls:
+            self._refuse(command, R.R530_TLS_REQUIRED)  # RFC 3207 4
+        elif self.config.submission and self.info.authenticated is None:
+            self._refuse(command, R.R530_AUTH_REQUIRED)  # RFC 4954 6, RFC 6409 4.1
+        elif params.size is not None and params.size > self._limits.max_message_size:
             self._refuse(command, R.R552_TOO_BIG)  # RFC 1870 6.2
         elif command.sender is not None and command.sender.is_utf8 and not params.smtputf8:
             self._refuse(command, R.R553_NEEDS_SMTPUTF8)  # RFC 6531 3.4
@@ -422,6 +457,90 @@ class ServerSession:
         else:
             self._send(R.R250_OK)  # NOOP
 
+    # --- STARTTLS (RFC 3207) and AUTH (RFC 4954) ---------------------------------------
+
+    def _on_starttls(self, command: StartTls) -> None:
+        if not self.config.starttls:
+            self._error(R.R502_STARTTLS_UNAVAILABLE)
+        elif self.info.tls:
+            self._error(R.R503_TLS_ACTIVE)
+        else:
+            self._send(R.R220_READY_TLS)
+            # RFC 3207 4.2 / CVE-2011-0411: nothing the client sent before the handshake
+            # may be read as a command afterwards.
+            self._in, self._pos = b"", 0
+            self._wait(command, StartTlsRequested())
+
+    def tls_started(self) -> None:
+        """The handshake is under way: forget everything from before it (RFC 3207 4.2)."""
+        if not isinstance(self._pending, StartTls):
+            raise RuntimeError("tls_started() without a pending STARTTLS")
+        self._pending = None
+        self._in, self._pos = b"", 0
+        self._end_transaction(None)
+        self.state = State.CONNECTED
+        self.info = SessionInfo(lmtp=self.info.lmtp, tls=True, trusted=self.info.trusted)
+
+    def _on_auth(self, command: Auth) -> None:
+        if not (self.config.submission and self.config.auth):
+            self._error(R.R503_AUTH_UNAVAILABLE)  # MX and LMTP listeners refuse AUTH
+        elif self.info.authenticated is not None:
+            self._error(R.R503_ALREADY_AUTHENTICATED)  # RFC 4954 4
+        elif not self._auth_offered():
+            self._error(R.R538_ENCRYPTION_REQUIRED)  # RFC 4954 6
+        else:
+            exchange = SaslExchange(command.mechanism)
+            self._sasl_step(exchange, lambda: exchange.start(command.initial))
+
+    def _sasl_step(
+        self, exchange: SaslExchange, step: Callable[[], Challenge | Credentials]
+    ) -> None:
+        try:
+            result = step()
+        except SaslError as e:
+            self._sasl = None
+            self._error(e.reply)
+            return
+        if isinstance(result, Challenge):
+            self._sasl = exchange
+            self._out.append(result.encode())
+        else:
+            self._sasl = None
+            self._wait(Auth(exchange.mechanism), AuthRequested(exchange.mechanism, result))
+
+    def _read_sasl_line(self) -> bool:
+        buf, pos = self._in, self._pos
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > MAX_RESPONSE_LINE + 2:  # RFC 4954 4
+                self._in, self._pos, self._sasl = b"", 0, None
+                self._skip_line = True
+                self._error(R.R500_AUTH_LINE_TOO_LONG)
+                return True
+            return False
+        self._pos = nl + 1
+        exchange = self._sasl
+        assert exchange is not None
+        line = buf[pos:nl].removesuffix(b"\r").decode("ascii", "replace")
+        self._sasl_step(exchange, lambda: exchange.respond(line))
+        return True
+
+    def auth_result(self, identity: str | None) -> None:
+        """Answer the pending AuthRequested: the authenticated identity, or None."""
+        if not isinstance(self._pending, Auth):
+            raise RuntimeError("auth_result() without a pending AUTH")
+        self._pending = None
+        if self._closing:
+            return
+        if identity is None:
+            self.auth_failures += 1
+            self._error(R.R535_AUTH_FAILED)
+            if self.auth_failures >= self._limits.max_auth_failures:
+                self._close_with(R.R421_TOO_MANY_AUTH_FAILURES)
+            return
+        self.info = replace(self.info, authenticated=identity)
+        self._send(R.R235_AUTH_OK)
+
     # --- decisions applied -------------------------------------------------------------
 
     def _wait(self, command: Command, event: Event) -> None:
@@ -456,6 +575,25 @@ class ServerSession:
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
             "DSN",  # RFC 3461
+            *self._security_capabilities(),
+        )
+
+    def _security_capabilities(self) -> list[str]:
+        extra = []
+        if self.config.starttls and not self.info.tls:
+            extra.append("STARTTLS")  # RFC 3207
+        if self._auth_offered():
+            extra.append(sasl_ehlo_keyword())  # RFC 4954 3
+        return extra
+
+    def _auth_offered(self) -> bool:
+        """AUTH is for submission only, and never in the clear unless told (issue 4)."""
+        config, info = self.config, self.info
+        return (
+            config.submission
+            and config.auth
+            and info.authenticated is None
+            and (info.tls or config.insecure_auth)
         )
 
     def _decided_mail(self, command: MailFrom, reply: Reply | None) -> None:
@@ -612,6 +750,8 @@ _HANDLERS: Final[dict[type[Command], Callable[[ServerSession, Any], None]]] = {
     Bdat: ServerSession._on_bdat,
     Rset: ServerSession._on_rset,
     Quit: ServerSession._on_quit,
+    StartTls: ServerSession._on_starttls,
+    Auth: ServerSession._on_auth,
     **{
         c: ServerSession._on_simple
         for c in (Noop, Vrfy, Expn, Help, NotImplementedVerb, HttpRequest)

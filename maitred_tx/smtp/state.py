@@ -13,6 +13,7 @@ from typing import Final
 
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.commands import (
+    Auth,
     Bdat,
     Command,
     Data,
@@ -28,6 +29,7 @@ from maitred_tx.smtp.commands import (
     Quit,
     RcptTo,
     Rset,
+    StartTls,
     Vrfy,
 )
 from maitred_tx.smtp.replies import Reply
@@ -57,6 +59,10 @@ for _s in _ALL:
     # 4.1.4: RSET and a new EHLO/HELO abort any transaction.
     _SMTP[_s, Rset] = State.CONNECTED if _s is State.CONNECTED else State.GREETED
 _SMTP[State.GREETED, MailFrom] = State.MAIL
+# RFC 4954 4: AUTH after EHLO, outside a transaction; RFC 3207 4.2: STARTTLS resets the
+# session to before EHLO.
+_SMTP[State.GREETED, Auth] = State.GREETED
+_SMTP[State.GREETED, StartTls] = State.CONNECTED
 _SMTP[State.MAIL, RcptTo] = State.RCPT
 _SMTP[State.RCPT, RcptTo] = State.RCPT
 _SMTP[State.RCPT, Data] = State.GREETED
@@ -86,6 +92,9 @@ SEQUENCE_ERRORS: Final[dict[tuple[State, CommandType], Reply]] = {
     (State.BDAT, Data): R.R503_DATA_AFTER_BDAT,  # RFC 3030 2
     (State.GREETED, Bdat): R.R503_NEED_MAIL,
     (State.MAIL, Bdat): R.R503_NEED_RCPT,
+    (State.CONNECTED, Auth): R.R503_NEED_HELO,
+    **{(s, Auth): R.R503_AUTH_IN_TRANSACTION for s in _TRANSACTION},
+    (State.CONNECTED, StartTls): R.R503_NEED_HELO,
 }
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.commands import (
+    Auth,
     Bdat,
     Command,
     CommandError,
@@ -25,6 +26,7 @@ from maitred_tx.smtp.commands import (
     Quit,
     RcptTo,
     Rset,
+    StartTls,
     Vrfy,
     parse_command,
 )
@@ -81,8 +83,9 @@ from maitred_tx.smtp.replies import Reply
         (b"atrn", NotImplementedVerb("ATRN")),
         (b"BURL imap://x LAST", NotImplementedVerb("BURL")),
         (b"TURN", NotImplementedVerb("TURN")),
-        (b"AUTH PLAIN", NotImplementedVerb("AUTH")),
-        (b"STARTTLS", NotImplementedVerb("STARTTLS")),
+        (b"AUTH PLAIN", Auth("PLAIN", None)),
+        (b"auth login =", Auth("LOGIN", "")),
+        (b"STARTTLS", StartTls()),
         (b"GET / HTTP/1.1", HttpRequest("GET")),
         (b"post /x HTTP/1.0", HttpRequest("POST")),
         (b"CONNECT mx.example:443 HTTP/1.1", HttpRequest("CONNECT")),

@@ -198,9 +198,15 @@ def test_every_verb() -> None:
     )
 
 
-@pytest.mark.parametrize("verb", ["ETRN", "ATRN", "BURL", "TURN", "AUTH", "STARTTLS", "etrn"])
+@pytest.mark.parametrize("verb", ["ETRN", "ATRN", "BURL", "TURN", "STARTTLS", "etrn"])
 def test_not_implemented_verbs(verb: str) -> None:
+    # STARTTLS too: no certificate is configured by default.
     run([*EHLO, verb, (502, "5.5.1"), "NOOP", (250, "2.0.0")])
+
+
+def test_auth_is_refused_on_an_mx_listener() -> None:
+    run([*EHLO, "AUTH PLAIN", (503, "5.5.1"), "AUTH", (501, "5.5.4"),
+         "AUTH CRAM-MD5", (504, "5.5.4"), "NOOP", (250, "2.0.0")])
 
 
 @pytest.mark.parametrize("line", ["FOO", "MAILX FROM:<a@b>", "", " NOOP", "DATA2", "GET"])

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.commands import (
+    Auth,
     Bdat,
     Command,
     Data,
@@ -25,6 +26,7 @@ from maitred_tx.smtp.commands import (
     Quit,
     RcptTo,
     Rset,
+    StartTls,
     Vrfy,
 )
 from maitred_tx.smtp.params import MailParams, RcptParams
@@ -54,6 +56,8 @@ COMMANDS: list[Command] = [
     Expn("x"),
     NotImplementedVerb("ETRN"),
     HttpRequest("GET"),
+    Auth("PLAIN", None),
+    StartTls(),
     Command(),  # not a verb at all: never in the table
 ]
 COMMAND_TYPES = {type(c) for c in COMMANDS}
