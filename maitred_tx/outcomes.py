@@ -5,6 +5,7 @@ with its enhanced status code; a delivery never writes reply lines itself.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from maitred_tx.smtp.replies import Reply
@@ -60,5 +61,11 @@ def _check(code: int, status: str, low: int, high: int, cls: str) -> None:
 def to_reply(outcome: Outcome, accepted: Reply) -> Reply:
     """The reply for *outcome*; *accepted* is the positive reply used for Accepted."""
     if isinstance(outcome, Accepted):
-        return accepted if outcome.text is None else accepted.with_text(outcome.text)
+        return accepted if outcome.text is None else _with_text(accepted, outcome.text)
     return Reply(outcome.code, outcome.status, (outcome.text,))
+
+
+# A delivery usually answers every message with the same text: build that reply once.
+@functools.lru_cache(maxsize=256)
+def _with_text(accepted: Reply, text: str) -> Reply:
+    return accepted.with_text(text)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
+from types import GeneratorType
 from typing import Any, TypeAlias, TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
-__all__ = ["Eventually", "then"]
+__all__ = ["Eventually", "is_deferred", "then"]
 
 _T = TypeVar("_T")
 Eventually: TypeAlias = "_T | Deferred[_T]"  # a value now, or later
@@ -21,6 +22,24 @@ Eventually: TypeAlias = "_T | Deferred[_T]"  # a value now, or later
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+# Deferred and Awaitable are ABCs: isinstance() against them costs a microsecond or so
+# for every plain answer.  Asked once per type instead (the set of types a program
+# answers with is small); a generator is looked at one by one (see then()).
+_LATER: dict[type, bool] = {}
+
+
+def _may_be_later(cls: type) -> bool:
+    later = _LATER.get(cls)
+    if later is None:
+        later = _LATER[cls] = issubclass(cls, (Deferred, Awaitable, GeneratorType))
+    return later
+
+
+def is_deferred(value: object) -> bool:
+    """``isinstance(value, Deferred)``, without the ABC check for plain values."""
+    return _may_be_later(type(value)) and isinstance(value, Deferred)
 
 
 def then(
@@ -35,10 +54,11 @@ def then(
         result = fn(*args)
     except Exception:
         return on_failure(Failure())
-    if isawaitable(result) and not isinstance(result, Deferred):
-        result = ensureDeferred(_await(result))
-    if isinstance(result, Deferred):
-        return result.addCallback(on_result).addErrback(on_failure)
+    if _may_be_later(type(result)):
+        if isawaitable(result) and not isinstance(result, Deferred):
+            result = ensureDeferred(_await(result))
+        if isinstance(result, Deferred):
+            return result.addCallback(on_result).addErrback(on_failure)
     try:
         return on_result(result)
     except Exception:

@@ -9,16 +9,17 @@ of filling memory.  Bodies are never split into lines here (nor in the core).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maitred_tx.envelope import SessionContext
+from maitred_tx.server.calls import is_deferred
 from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.commands import Helo, RcptTo
@@ -218,7 +219,7 @@ class SMTPServerProtocol(Protocol):
 
     def _wait_for(self, d: Any, then: Any) -> None:
         """Run *then* with *d*'s result; if it is a Deferred, hold the loop until then."""
-        if not isinstance(d, Deferred):
+        if not is_deferred(d):
             then(d)
             return
         self._waiting += 1
@@ -237,60 +238,76 @@ class SMTPServerProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _handle(self, event: Event) -> None:
+        _ON_EVENT[type(event)](self, event)
+
+    def _on_data(self, event: MessageData) -> None:
+        sink = self._sink
+        if sink is not None:
+            try:
+                result = sink.write(event.data)
+            except Exception:
+                self._write_failed(Failure(), sink)
+            else:
+                if is_deferred(result):
+                    result.addErrback(self._write_failed, sink)
+                    self._wait_for(result, lambda _: None)  # back-pressure
+
+    def _on_hello(self, event: HelloReceived) -> None:
         session, policy = self.session, self.policy
         assert session is not None and policy is not None
-        if isinstance(event, MessageData):
-            sink = self._sink
-            if sink is not None:
-                try:
-                    result = sink.write(event.data)
-                except Exception:
-                    self._write_failed(Failure(), sink)
-                else:
-                    if isinstance(result, Deferred):
-                        result.addErrback(self._write_failed, sink)
-                        self._wait_for(result, lambda _: None)  # back-pressure
-        elif isinstance(event, HelloReceived):
-            command = event.command
-            esmtp = not isinstance(command, Helo)
-            policy.context = replace(policy.context, helo=command.domain, esmtp=esmtp)
-            self._wait_for(policy.hello(), session.decide)
-        elif isinstance(event, MailReceived):
-            self._wait_for(policy.mail(event.command), session.decide)
-        elif isinstance(event, RcptReceived):
-            self._wait_for(policy.rcpt(event.command, event.transaction), session.decide)
-        elif isinstance(event, MessageStarted):
-            self._message_id = policy.transaction_id
-            self._message_started = time.monotonic()
-            self._txn = event.transaction
-            envelope = policy.envelope(event.transaction)
-            self._wait_for(policy.open(envelope), self._opened)
-        elif isinstance(event, MessageComplete):
-            count = len(event.transaction.recipients)
-            sink, self._sink = self._sink, None
-            size = event.transaction.size
-            self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size))
-        elif isinstance(event, Refused):
-            refused = event.command
-            address: Mailbox | None
-            if isinstance(refused, RcptTo):
-                verb, address = "RCPT", refused.recipient
-            else:
-                verb, address = "MAIL", refused.sender
-            _log.info(
-                "{peer} {verb} <{address}> refused: {code} {status}",
-                peer=policy.context.peer_host,
-                session_id=policy.context.session_id,
-                verb=verb,
-                address="" if address is None else str(address),
-                code=event.reply.code,
-                status=event.reply.status,
-            )
-        elif isinstance(event, MessageAborted):
-            sink, self._sink = self._sink, None
-            if sink is not None:
-                sink.abort()
-            self._log_message(event.reply, 0)
+        command = event.command
+        esmtp = not isinstance(command, Helo)
+        policy.context = replace(policy.context, helo=command.domain, esmtp=esmtp)
+        self._wait_for(policy.hello(), session.decide)
+
+    def _on_mail(self, event: MailReceived) -> None:
+        assert self.session is not None and self.policy is not None
+        self._wait_for(self.policy.mail(event.command), self.session.decide)
+
+    def _on_rcpt(self, event: RcptReceived) -> None:
+        assert self.session is not None and self.policy is not None
+        answer = self.policy.rcpt(event.command, event.transaction)
+        self._wait_for(answer, self.session.decide)
+
+    def _on_started(self, event: MessageStarted) -> None:
+        policy = self.policy
+        assert policy is not None
+        self._message_id = policy.transaction_id
+        self._message_started = time.monotonic()
+        self._txn = event.transaction
+        envelope = policy.envelope(event.transaction)
+        self._wait_for(policy.open(envelope), self._opened)
+
+    def _on_complete(self, event: MessageComplete) -> None:
+        count = len(event.transaction.recipients)
+        sink, self._sink = self._sink, None
+        size = event.transaction.size
+        self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size))
+
+    def _on_refused(self, event: Refused) -> None:
+        policy = self.policy
+        assert policy is not None
+        refused = event.command
+        address: Mailbox | None
+        if isinstance(refused, RcptTo):
+            verb, address = "RCPT", refused.recipient
+        else:
+            verb, address = "MAIL", refused.sender
+        _log.info(
+            "{peer} {verb} <{address}> refused: {code} {status}",
+            peer=policy.context.peer_host,
+            session_id=policy.context.session_id,
+            verb=verb,
+            address="" if address is None else str(address),
+            code=event.reply.code,
+            status=event.reply.status,
+        )
+
+    def _on_aborted(self, event: MessageAborted) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.abort()
+        self._log_message(event.reply, 0)
 
     def _drain_events(self) -> None:
         """After the connection is lost: abort an open sink, ignore everything else."""
@@ -350,3 +367,16 @@ class SMTPServerProtocol(Protocol):
         )
 
 
+
+
+# Which method handles which event: one dictionary lookup per event.
+_ON_EVENT: dict[type[Event], Callable[[SMTPServerProtocol, Any], None]] = {
+    MessageData: SMTPServerProtocol._on_data,
+    HelloReceived: SMTPServerProtocol._on_hello,
+    MailReceived: SMTPServerProtocol._on_mail,
+    RcptReceived: SMTPServerProtocol._on_rcpt,
+    MessageStarted: SMTPServerProtocol._on_started,
+    MessageComplete: SMTPServerProtocol._on_complete,
+    Refused: SMTPServerProtocol._on_refused,
+    MessageAborted: SMTPServerProtocol._on_aborted,
+}

@@ -119,6 +119,8 @@ class RcptParams:
 
 def parse_mail_params(text: str) -> MailParams:
     """Parse the parameter text of MAIL FROM (may be empty)."""
+    if not text:
+        return _NO_MAIL_PARAMS  # the usual case; the value is immutable, so shared
     raw = _collect(text, _MAIL_KEYWORDS)
     return MailParams(
         size=_convert(raw, "SIZE", _size),
@@ -132,6 +134,8 @@ def parse_mail_params(text: str) -> MailParams:
 
 def parse_rcpt_params(text: str) -> RcptParams:
     """Parse the parameter text of RCPT TO (may be empty)."""
+    if not text:
+        return _NO_RCPT_PARAMS
     raw = _collect(text, _RCPT_KEYWORDS)
     return RcptParams(
         notify=_convert(raw, "NOTIFY", _notify),
@@ -139,6 +143,8 @@ def parse_rcpt_params(text: str) -> RcptParams:
     )
 
 
+_NO_MAIL_PARAMS: Final = MailParams()
+_NO_RCPT_PARAMS: Final = RcptParams()
 _MAIL_KEYWORDS: Final = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 _RCPT_KEYWORDS: Final = frozenset({"NOTIFY", "ORCPT"})
 
