@@ -30,6 +30,7 @@ from maitred_tx.smtp.params import (
 )
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.sasl import SaslError, parse_auth_command
+from maitred_tx.smtp.xclient import XClient, XClientError, parse_xclient
 
 __all__ = [
     "Auth",
@@ -51,6 +52,7 @@ __all__ = [
     "Rset",
     "StartTls",
     "Vrfy",
+    "XClientCommand",
     "parse_command",
 ]
 
@@ -149,6 +151,13 @@ class Auth(Command):
 
     mechanism: str
     initial: str | None = field(default=None, repr=False)  # may carry a password
+
+
+@dataclass(frozen=True, slots=True)
+class XClientCommand(Command):
+    """Postfix XCLIENT (from trusted proxies only; the session decides)."""
+
+    attributes: XClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +296,13 @@ def _auth(arg: str, verb: str) -> Command:
         raise CommandError(e.reply) from None
 
 
+def _xclient(arg: str, verb: str) -> Command:
+    try:
+        return XClientCommand(parse_xclient(arg))
+    except XClientError as e:
+        raise CommandError(e.reply) from None
+
+
 def _noop(arg: str, verb: str) -> Command:
     return Noop()  # RFC 5321 4.1.1.9: a parameter string is ignored
 
@@ -320,6 +336,7 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "QUIT": _no_argument(Quit),
     "STARTTLS": _no_argument(StartTls),
     "AUTH": _auth,
+    "XCLIENT": _xclient,
     "HELP": _help,
     "VRFY": _vrfy,
     "EXPN": _expn,

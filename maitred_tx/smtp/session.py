@@ -40,6 +40,7 @@ from maitred_tx.smtp.commands import (
     Rset,
     StartTls,
     Vrfy,
+    XClientCommand,
     parse_command,
 )
 from maitred_tx.smtp.config import Config
@@ -54,6 +55,10 @@ from maitred_tx.smtp.sasl import (
 )
 from maitred_tx.smtp.sasl import ehlo_keyword as sasl_ehlo_keyword
 from maitred_tx.smtp.state import State, next_state, sequence_error
+from maitred_tx.smtp.xclient import XClient
+
+# Postfix XCLIENT_README: the attributes we understand, as advertised in EHLO.
+XCLIENT_KEYWORD: Final = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
 
 __all__ = [
     "NEED_DATA",
@@ -71,6 +76,7 @@ __all__ = [
     "Refused",
     "ServerSession",
     "StartTlsRequested",
+    "XClientReceived",
     "SessionInfo",
     "Transaction",
 ]
@@ -189,6 +195,13 @@ class AuthRequested(Event):
 @dataclass(frozen=True, slots=True)
 class StartTlsRequested(Event):
     """220 is queued: write it, start TLS on the transport, then call tls_started()."""
+
+
+@dataclass(frozen=True, slots=True)
+class XClientReceived(Event):
+    """A trusted proxy says who the real client is: apply it, then xclient_applied()."""
+
+    attributes: XClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +494,34 @@ class ServerSession:
         self.state = State.CONNECTED
         self.info = SessionInfo(lmtp=self.info.lmtp, tls=True, trusted=self.info.trusted)
 
+    def _on_xclient(self, command: XClientCommand) -> None:
+        if not self.info.trusted:
+            self._error(R.R550_XCLIENT_DENIED)
+        else:
+            self._wait(command, XClientReceived(command.attributes))
+
+    def xclient_applied(self) -> None:
+        """The new client identity is in place: start over with a greeting, as Postfix
+        does; LOGIN= counts as authenticated (the proxy did the authentication)."""
+        command = self._pending
+        if not isinstance(command, XClientCommand):
+            raise RuntimeError("xclient_applied() without a pending XCLIENT")
+        self._pending = None
+        if self._closing:
+            return
+        self._end_transaction(None)
+        self.state = State.CONNECTED
+        login = command.attributes.login
+        self.info = SessionInfo(
+            lmtp=self.info.lmtp, tls=self.info.tls, trusted=True, authenticated=login
+        )
+        greeting = R.R220_LMTP_GREETING if self.config.lmtp else R.R220_GREETING
+        self._send(greeting.format(hostname=self.config.hostname))
+
+    def close_with(self, reply: Reply) -> None:
+        """End the session with *reply* (a 421 of the caller's: limits, shutdown)."""
+        self._close_with(reply)
+
     def _on_auth(self, command: Auth) -> None:
         if not (self.config.submission and self.config.auth):
             self._error(R.R503_AUTH_UNAVAILABLE)  # MX and LMTP listeners refuse AUTH
@@ -584,6 +625,8 @@ class ServerSession:
             extra.append("STARTTLS")  # RFC 3207
         if self._auth_offered():
             extra.append(sasl_ehlo_keyword())  # RFC 4954 3
+        if self.info.trusted:
+            extra.append(XCLIENT_KEYWORD)
         return extra
 
     def _auth_offered(self) -> bool:
@@ -752,6 +795,7 @@ _HANDLERS: Final[dict[type[Command], Callable[[ServerSession, Any], None]]] = {
     Quit: ServerSession._on_quit,
     StartTls: ServerSession._on_starttls,
     Auth: ServerSession._on_auth,
+    XClientCommand: ServerSession._on_xclient,
     **{
         c: ServerSession._on_simple
         for c in (Noop, Vrfy, Expn, Help, NotImplementedVerb, HttpRequest)

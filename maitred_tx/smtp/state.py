@@ -31,6 +31,7 @@ from maitred_tx.smtp.commands import (
     Rset,
     StartTls,
     Vrfy,
+    XClientCommand,
 )
 from maitred_tx.smtp.replies import Reply
 
@@ -63,6 +64,9 @@ _SMTP[State.GREETED, MailFrom] = State.MAIL
 # session to before EHLO.
 _SMTP[State.GREETED, Auth] = State.GREETED
 _SMTP[State.GREETED, StartTls] = State.CONNECTED
+# XCLIENT (Postfix) replaces the client's identity and restarts the session.
+_SMTP[State.CONNECTED, XClientCommand] = State.CONNECTED
+_SMTP[State.GREETED, XClientCommand] = State.CONNECTED
 _SMTP[State.MAIL, RcptTo] = State.RCPT
 _SMTP[State.RCPT, RcptTo] = State.RCPT
 _SMTP[State.RCPT, Data] = State.GREETED

@@ -28,6 +28,7 @@ from maitred_tx.smtp.commands import (
     Rset,
     StartTls,
     Vrfy,
+    XClientCommand,
 )
 from maitred_tx.smtp.params import MailParams, RcptParams
 from maitred_tx.smtp.state import (
@@ -37,6 +38,7 @@ from maitred_tx.smtp.state import (
     next_state,
     sequence_error,
 )
+from maitred_tx.smtp.xclient import XClient
 
 COMMANDS: list[Command] = [
     Ehlo("c.example"),
@@ -58,6 +60,7 @@ COMMANDS: list[Command] = [
     HttpRequest("GET"),
     Auth("PLAIN", None),
     StartTls(),
+    XClientCommand(XClient()),
     Command(),  # not a verb at all: never in the table
 ]
 COMMAND_TYPES = {type(c) for c in COMMANDS}
