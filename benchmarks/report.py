@@ -237,8 +237,9 @@ def targets_table(
     legend = (
         "Ratios are from medians: throughput ours ÷ peer, costs peer ÷ ours, so ≥ Nx "
         "means N times better.  The targets are meant for `maitred` (discarding, like "
-        "the peers); `maitred-maildir` writes every message to disk and is shown for "
-        "information."
+        "the peers); `maitred-nolog` is the same server with its log events dropped "
+        "(the peers log nothing per message); `maitred-maildir` writes every message "
+        "to disk and is shown for information."
     )
     return [legend, "", *_table(rows), ""]
 

@@ -54,7 +54,13 @@ def _script(name: str) -> Callable[[int, Path], list[str]]:
     return argv
 
 
-def _maitred(*delivery: str) -> Callable[[int, Path], list[str]]:
+# twistd's default log observer writes every event as a line of text to stdout (the
+# peers log nothing per message).  This factory is a LogPublisher with no observers:
+# maitred_tx still builds and emits its events, and nothing formats or writes them.
+NULL_LOGGER = "--logger=twisted.logger.LogPublisher"
+
+
+def _maitred(*delivery: str, twistd: tuple[str, ...] = ()) -> Callable[[int, Path], list[str]]:
     def argv(port: int, workdir: Path) -> list[str]:
         extra = [a.replace("{workdir}", str(workdir)) for a in delivery]
         return [
@@ -63,6 +69,7 @@ def _maitred(*delivery: str) -> Callable[[int, Path], list[str]]:
             TWISTD_BOOT,
             "-n",
             "--pidfile=",
+            *twistd,
             "maitred",
             "--listen",
             f"tcp:{port}:interface=127.0.0.1",
@@ -97,6 +104,13 @@ SERVERS: dict[str, ServerSpec] = {
             "maitred",
             "maitred_tx via twistd, --delivery discard",
             _maitred("--delivery", "discard"),
+            prints_ready=False,
+            is_maitred=True,
+        ),
+        ServerSpec(
+            "maitred-nolog",
+            "maitred_tx via twistd, --delivery discard, log events dropped",
+            _maitred("--delivery", "discard", twistd=(NULL_LOGGER,)),
             prints_ready=False,
             is_maitred=True,
         ),

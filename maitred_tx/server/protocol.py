@@ -13,12 +13,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from maitred_tx.delivery.compat import delivery_provider
 from maitred_tx.envelope import SessionContext
+from maitred_tx.interfaces import IDelivery
+from maitred_tx.server import authn
+from maitred_tx.server.submission import FromGuard
+from maitred_tx.server.tls import tls_facts
+from maitred_tx.smtp import replies as R
+from maitred_tx.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
 from maitred_tx.server.calls import is_deferred
 from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
 from maitred_tx.smtp.address import Mailbox
@@ -37,10 +44,13 @@ from maitred_tx.smtp.session import (
     MessageData,
     MessageStarted,
     RcptReceived,
+    AuthRequested,
     Refused,
     ServerSession,
     SessionInfo,
+    StartTlsRequested,
     Transaction,
+    XClientReceived,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +60,11 @@ __all__ = ["SMTPServerProtocol"]
 
 _log = Logger()
 _READ_SIZE = 256 * 1024
+# The first bytes of a PROXY header: v1 text, or the v2 binary signature.
+_PROXY_V1 = b"PROXY "
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+# Failed AUTH answers wait longer each time (seconds), to slow down password guessing.
+_AUTH_DELAYS = (1.0, 2.0, 4.0, 8.0)
 
 
 class SMTPServerProtocol(Protocol):
@@ -74,6 +89,10 @@ class SMTPServerProtocol(Protocol):
         self._deadline: IDelayedCall | None = None
         self._started = 0.0
         self.messages = 0
+        self._client = ""  # the real client address, for the per-client limits
+        self._counted = False  # counted in the limiter: uncount when the connection ends
+        self._proxy_buf: bytes | None = None  # a trusted proxy's PROXY header, arriving
+        self._login: authn.Login | None = None
 
     # --- connection ------------------------------------------------------------------
 
@@ -97,8 +116,18 @@ class SMTPServerProtocol(Protocol):
             local_port=getattr(host, "port", 0),
             lmtp=self.config.lmtp,
         )
-        self.policy = Policy(self._delivery, context)
-        self.session = ServerSession(self.config, info=SessionInfo(lmtp=self.config.lmtp))
+        trusted = self.factory.is_trusted_proxy(context.peer_host)
+        implicit_tls = ISSLTransport.providedBy(transport)
+        self.policy = Policy(self._delivery, replace(context, tls=implicit_tls))
+        info = SessionInfo(lmtp=self.config.lmtp, tls=implicit_tls, trusted=trusted)
+        self.session = ServerSession(self.config, info=info)
+        if trusted:
+            self._proxy_buf = b""  # the first bytes may be a PROXY header (v1 or v2)
+        else:
+            self._admit(context.peer_host)
+        if self.factory.portal is not None:
+            d = authn.anonymous_login(self.factory.portal)
+            d.addCallback(self._anonymous_avatar)
         limits = self.config.limits
         self._deadline = self._clock.callLater(limits.session_deadline, self._expired)
         self._arm_idle()
@@ -108,6 +137,10 @@ class SMTPServerProtocol(Protocol):
         session = self.session
         if session is None or session.closing:
             return
+        if self._proxy_buf is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         session.receive_data(data)
         self._drive()
         if not session.closing:
@@ -133,7 +166,69 @@ class SMTPServerProtocol(Protocol):
                 errors=self.session.errors if self.session else 0,
                 helo=ctx.helo,
             )
+        if self._counted:
+            self.factory.limiter.connection_closed(self._client)
+        if self._login is not None:
+            self._login.logout()
         self.factory.forget(self)
+
+    # --- who the client is: limits, PROXY headers, anonymous avatar ----------------------
+
+    def _admit(self, client: str) -> None:
+        """Count the session against *client*'s limits; over them: 421 4.7.0."""
+        self._client, self._counted = client, True
+        limiter, session = self.factory.limiter, self.session
+        assert session is not None
+        if not limiter.connection_allowed(client):
+            _log.info("{peer} refused: too many connections", peer=client)
+            session.close_with(R.R421_CLIENT_LIMIT)
+            self._drive()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Take a PROXY header off the front of a trusted proxy's stream (HAProxy's
+        send-proxy / send-proxy-v2); anything else there is the client's first bytes."""
+        buf = (self._proxy_buf or b"") + data
+        sig = _PROXY_V2 if buf[:1] == b"\r" else _PROXY_V1
+        if not (buf.startswith(sig) or sig.startswith(buf)):
+            self._proxy_buf = None  # no header (e.g. nginx, which uses XCLIENT)
+            self._admit(self._peer())
+            return buf
+        try:
+            header = parse_proxy_header(buf)
+        except ProxyError as e:
+            _log.info("{peer} bad PROXY header: {error}", peer=self._peer(), error=str(e))
+            self._proxy_buf = None
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return b""
+        if header is None:
+            self._proxy_buf = buf
+            return b""
+        self._proxy_buf = None
+        self._apply_proxy(header)
+        return buf[header.length :]
+
+    def _apply_proxy(self, header: ProxyHeader) -> None:
+        policy, session = self.policy, self.session
+        assert policy is not None and session is not None
+        proxy = policy.context.peer_host
+        if header.command == "PROXY" and header.source is not None:
+            host, port = header.source
+            policy.context = replace(policy.context, peer_host=host, peer_port=port,
+                                     proxied_by=proxy)
+        if header.tls is not None:
+            # The proxy terminated TLS for us (PP2_TYPE_SSL): the session counts as TLS.
+            tls = header.tls
+            policy.context = replace(policy.context, tls=True, tls_version=tls.version,
+                                     tls_cipher=tls.cipher,
+                                     tls_client_certificate=tls.common_name)
+            session.info = replace(session.info, tls=True)
+        self._admit(policy.context.peer_host)
+
+    def _anonymous_avatar(self, avatar: Any) -> None:
+        # twisted.mail's ESMTP gives anonymous sessions the portal's anonymous avatar.
+        if avatar is not None and self.policy is not None and self._login is None:
+            self.policy.delivery = IDelivery(delivery_provider(avatar)())
 
     def shutdown(self) -> None:
         """The server stops: answer 421 and close (RFC 5321 3.8)."""
@@ -238,7 +333,9 @@ class SMTPServerProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _handle(self, event: Event) -> None:
-        _ON_EVENT[type(event)](self, event)
+        handler = _ON_EVENT.get(type(event))  # an event without an entry is ignored
+        if handler is not None:
+            handler(self, event)
 
     def _on_data(self, event: MessageData) -> None:
         sink = self._sink
