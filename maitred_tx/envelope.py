@@ -29,7 +29,11 @@ class SessionContext:
     esmtp: bool = False
     lmtp: bool = False
     tls: bool = False
-    authenticated: str | None = None
+    tls_version: str | None = None  # e.g. "TLSv1.3", when known
+    tls_cipher: str | None = None
+    tls_client_certificate: str | None = None  # its subject, if one was presented
+    authenticated: str | None = None  # the AUTH (or XCLIENT LOGIN=) identity
+    proxied_by: str | None = None  # the trusted proxy's address when PROXY/XCLIENT was used
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -22,19 +23,20 @@ from maitred_tx.delivery.compat import delivery_provider
 from maitred_tx.envelope import SessionContext
 from maitred_tx.interfaces import IDelivery
 from maitred_tx.server import authn
+from maitred_tx.server.calls import is_deferred
+from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
 from maitred_tx.server.submission import FromGuard
 from maitred_tx.server.tls import tls_facts
 from maitred_tx.smtp import replies as R
-from maitred_tx.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
-from maitred_tx.server.calls import is_deferred
-from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.commands import Helo, RcptTo
 from maitred_tx.smtp.config import Config
+from maitred_tx.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.session import (
     NEED_DATA,
     PAUSED,
+    AuthRequested,
     CloseConnection,
     Event,
     HelloReceived,
@@ -44,7 +46,6 @@ from maitred_tx.smtp.session import (
     MessageData,
     MessageStarted,
     RcptReceived,
-    AuthRequested,
     Refused,
     ServerSession,
     SessionInfo,
@@ -355,11 +356,29 @@ class SMTPServerProtocol(Protocol):
         command = event.command
         esmtp = not isinstance(command, Helo)
         policy.context = replace(policy.context, helo=command.domain, esmtp=esmtp)
+        facts = tls_facts(self.transport)  # the handshake is done by the first EHLO
+        if facts is not None:
+            policy.context = replace(
+                policy.context, tls=True, tls_version=facts.version, tls_cipher=facts.cipher,
+                tls_client_certificate=facts.client_certificate,
+            )
         self._wait_for(policy.hello(), session.decide)
 
     def _on_mail(self, event: MailReceived) -> None:
-        assert self.session is not None and self.policy is not None
-        self._wait_for(self.policy.mail(event.command), self.session.decide)
+        session, policy = self.session, self.policy
+        assert session is not None and policy is not None
+        if not self.factory.limiter.message_allowed(self._client):
+            _log.info("{peer} refused: message rate", peer=self._client)
+            session.close_with(R.R421_MESSAGE_RATE)  # the MAIL is answered by the 421
+            return
+        sender = event.command.sender
+        login = self._login
+        if login is not None and self.config.submission and sender is not None:
+            allowed = authn.allowed_senders(login, self.config.local_domains)
+            if str(sender).lower() not in allowed:
+                session.decide(R.R550_SENDER_NOT_OWNED)
+                return
+        self._wait_for(policy.mail(event.command), session.decide)
 
     def _on_rcpt(self, event: RcptReceived) -> None:
         assert self.session is not None and self.policy is not None
@@ -427,12 +446,67 @@ class SMTPServerProtocol(Protocol):
                 _log.failure("sink abort() raised")
 
     def _opened(self, sink: Any) -> None:
+        if self._login is not None and self.config.submission:
+            allowed = authn.allowed_senders(self._login, self.config.local_domains)
+            sink = FromGuard(sink, allowed, self.config.limits.max_header_block)
         self._sink = sink
         session = self.session
         txn = session.transaction if session is not None else None
         if txn is None or not txn.started:  # aborted meanwhile (RSET, timeout, lost)
             sink.abort()
             self._sink = None
+
+    # --- STARTTLS, AUTH, XCLIENT ----------------------------------------------------------
+
+    def _on_starttls(self, event: StartTlsRequested) -> None:
+        session = self.session
+        assert session is not None
+        self._flush()  # the 220 goes out in the clear, then the handshake starts
+        transport: Any = self.transport
+        transport.startTLS(self.factory.tls)
+        session.tls_started()
+
+    def _on_auth(self, event: AuthRequested) -> None:
+        portal, session = self.factory.portal, self.session
+        assert portal is not None and session is not None
+        c = event.credentials
+        self._wait_for(authn.login(portal, c.authcid, c.password, c.authzid), self._logged_in)
+
+    def _logged_in(self, login: authn.Login | None) -> None:
+        session, policy = self.session, self.policy
+        assert session is not None and policy is not None
+        if login is None:
+            # Answer later and later: each failure costs the guesser time (issue 4).
+            delay = _AUTH_DELAYS[min(session.auth_failures, len(_AUTH_DELAYS) - 1)]
+            _log.info("{peer} AUTH failed", peer=policy.context.peer_host)
+            d: Deferred[None] = Deferred()
+            self._clock.callLater(delay, d.callback, None)
+            self._wait_for(d, lambda _: session.auth_result(None))
+            return
+        self._login = login
+        policy.delivery = IDelivery(delivery_provider(login.avatar)())
+        policy.context = replace(policy.context, authenticated=login.identity)
+        _log.info("{peer} AUTH as {user}", peer=policy.context.peer_host, user=login.identity)
+        session.auth_result(login.identity)
+
+    def _on_xclient(self, event: XClientReceived) -> None:
+        session, policy = self.session, self.policy
+        assert session is not None and policy is not None
+        x = event.attributes
+        context = policy.context
+        policy.context = replace(
+            context,
+            peer_host=x.addr or context.peer_host,
+            peer_port=x.port if x.port is not None else context.peer_port,
+            helo=x.helo or context.helo,
+            authenticated=x.login,
+            proxied_by=context.proxied_by or context.peer_host,
+        )
+        if x.addr and x.addr != self._client:
+            if self._counted:
+                self.factory.limiter.connection_closed(self._client)
+            self._admit(x.addr)
+        session.xclient_applied()
 
     def _delivered(self, replies: list[Reply], size: int) -> None:
         session = self.session
@@ -475,5 +549,8 @@ _ON_EVENT: dict[type[Event], Callable[[SMTPServerProtocol, Any], None]] = {
     MessageStarted: SMTPServerProtocol._on_started,
     MessageComplete: SMTPServerProtocol._on_complete,
     Refused: SMTPServerProtocol._on_refused,
+    StartTlsRequested: SMTPServerProtocol._on_starttls,
+    AuthRequested: SMTPServerProtocol._on_auth,
+    XClientReceived: SMTPServerProtocol._on_xclient,
     MessageAborted: SMTPServerProtocol._on_aborted,
 }
