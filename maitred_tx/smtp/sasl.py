@@ -60,9 +60,10 @@ MECHANISMS: Final = ("PLAIN", "LOGIN")
 # line without its CRLF.  PLAIN at 3 x 255 octets needs 1,024 base64 characters.
 MAX_RESPONSE_LINE: Final = 12288
 # RFC 4616 2: "The server MUST be capable of accepting authzid, authcid, and passwd
-# inputs of up to 255 octets."  That is a floor; we take it as the ceiling for every
-# field (PLAIN and LOGIN alike), as Postfix's Cyrus and Dovecot backends accept it,
-# and a longer field is refused as malformed before it reaches the verifier.
+# inputs of up to 255 octets."  That is a floor; we also make it the ceiling, for PLAIN
+# and LOGIN alike: identities are mailbox-sized (RFC 5321 4.5.3.1.3: a path is at most
+# 256 octets), and a longer field is refused as malformed before it reaches the
+# verifier.  Raise it (it bounds nothing else) if passwords are long tokens.
 MAX_FIELD: Final = 255
 
 # RFC 4422 3.1: sasl-mech = 1*20mech-char; mech-char = UPPER-ALPHA / DIGIT / "-" / "_".
@@ -114,11 +115,14 @@ def ehlo_keyword(mechanisms: tuple[str, ...] = MECHANISMS) -> str:
     return " ".join(("AUTH", *mechanisms))
 
 
-def parse_auth_command(argument: str) -> tuple[str, str | None]:
+def parse_auth_command(
+    argument: str, mechanisms: tuple[str, ...] = MECHANISMS
+) -> tuple[str, str | None]:
     """Split the AUTH argument into (mechanism upper-cased, initial response or None).
 
     The initial response is returned still base64-encoded, for :meth:`SaslExchange.start`;
-    ``=`` becomes ``""`` (RFC 4954 4: "=" is an empty initial response).
+    ``=`` becomes ``""`` (RFC 4954 4: "=" is an empty initial response).  *mechanisms*
+    are those this listener offers (a subset of :data:`MECHANISMS`); others get 504.
     """
     words = argument.split(" ")
     if len(words) > 2 or not words[0]:
@@ -126,7 +130,7 @@ def parse_auth_command(argument: str) -> tuple[str, str | None]:
     if not _MECH.fullmatch(words[0]):
         raise SaslError(R501_AUTH_SYNTAX)  # RFC 4422 3.1
     mechanism = words[0].upper()
-    if mechanism not in MECHANISMS:
+    if mechanism not in mechanisms or mechanism not in MECHANISMS:
         raise SaslError(R504_AUTH_MECHANISM)  # RFC 4954 4: unsupported mechanism -> 504
     if len(words) == 1:
         return mechanism, None
