@@ -1,0 +1,159 @@
+"""Small pure helpers over a message's header section (RFC 5322 2.2, 3.6.2).
+
+Owns: finding where the header section ends without touching the body
+(``header_end``, ``split_message``), cutting the header block into fields with their
+exact bytes (``iter_fields``), unfolding (RFC 5322 2.2.3) and reading the author
+domains of the From: field(s) (``from_domains``, for DMARC, RFC 7489 3.1 / 6.6.1).
+
+Everything here works on bytes as received and never rewrites them: a field's ``raw``
+is byte-identical to the input, so callers (``authresults.strip_forged``, DKIM) can
+drop or keep fields without re-serialising anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.headerregistry import AddressHeader, HeaderRegistry
+from email.utils import getaddresses
+
+__all__ = ["HeaderField", "from_domains", "header_end", "iter_fields", "split_message", "unfold"]
+
+# RFC 5322 2.2: field-name = 1*ftext, ftext = %d33-57 / %d59-126; obs-optional (4.5.8)
+# allows WSP between the name and the colon.
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# RFC 5322 2.2.3: unfolding removes a CRLF (we also accept a bare LF) before WSP.
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """One header field as received.
+
+    ``name`` is the field name as written (None for a line that is neither a field nor
+    a continuation, e.g. an mbox "From " line); ``raw`` is the whole field with its
+    continuation lines and line breaks, byte-identical to the input; ``value`` is the
+    part after the colon, still folded.
+    """
+
+    name: bytes | None
+    raw: bytes
+    value: bytes
+
+    def is_named(self, name: bytes) -> bool:
+        """Case-insensitive name comparison (RFC 5322 1.2.2)."""
+        return self.name is not None and self.name.lower() == name.lower()
+
+
+def header_end(data: bytes) -> int | None:
+    """Offset of the first body byte: just past the empty line that ends the header
+    section (RFC 5322 2.1), or None while that line has not been seen.
+
+    Feed it the first chunks of a message until it answers; the body is never scanned
+    beyond the empty line.  Bare LF line ends are accepted as well as CRLF.
+    """
+    if data.startswith(b"\r\n"):
+        return 2
+    if data.startswith(b"\n"):
+        return 1
+    crlf, lf = data.find(b"\n\r\n"), data.find(b"\n\n")
+    ends = [i + n for i, n in ((crlf, 3), (lf, 2)) if i >= 0]
+    return min(ends) if ends else None
+
+
+def split_message(message: bytes) -> tuple[bytes, bytes]:
+    """``(header_block, body)``: the fields, each with its line break, and what follows
+    the empty separator line.  A message without that line is all header."""
+    end = header_end(message)
+    if end is None:
+        return message, b""
+    sep = 2 if message[:end].endswith(b"\r\n") else 1
+    return message[: end - sep], message[end:]
+
+
+def iter_fields(header_block: bytes) -> Iterator[HeaderField]:
+    """The fields of a header block, in order, each with its continuation lines.
+
+    Concatenating every ``raw`` gives back ``header_block`` exactly.  A continuation
+    line before any field (malformed) is yielded as a nameless field of its own.
+    """
+    lines = header_block.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        j = i + 1
+        # A line starting with WSP continues the field (RFC 5322 2.2.3); bytes.splitlines
+        # also breaks at a lone CR, which is no line end in a message: glue it back.
+        while j < len(lines) and (
+            lines[j][:1] in (b" ", b"\t") or not lines[j - 1].endswith(b"\n")
+        ):
+            j += 1
+        raw = b"".join(lines[i:j])
+        match = _FIELD_NAME.match(raw)
+        if match is None:
+            yield HeaderField(None, raw, raw)
+        else:
+            yield HeaderField(match.group(1), raw, raw[match.end() :])
+        i = j
+
+
+def unfold(value: bytes) -> bytes:
+    """RFC 5322 2.2.3: remove every line break that is followed by WSP, and the final
+    line break of the field."""
+    return _FOLD.sub(b"", value).rstrip(b"\r\n")
+
+
+def _domain_of(address: str) -> str | None:
+    # The domain is after the last "@": a quoted local part may itself contain "@".
+    _, at, domain = address.rpartition("@")
+    domain = domain.strip().rstrip(".").lower()
+    if not at or not domain or domain.startswith("[") or not _looks_like_domain(domain):
+        return None  # no domain, or an address literal: not a DNS domain, no DMARC
+    return domain
+
+
+def _looks_like_domain(domain: str) -> bool:
+    return all(
+        label and not any(c in label for c in ' <>()[]"\\,;:@') for label in domain.split(".")
+    )
+
+
+_REGISTRY = HeaderRegistry()
+
+
+def _addresses(value: str) -> list[str]:
+    found: list[str] = []
+    # Two parsers, and the union of what they see.  A From: field crafted so that one
+    # parser reads another address than the other (e.g. "a@victim.example
+    # <b@evil.example>") is how DMARC gets bypassed when the verifier and the MUA
+    # disagree (Chen et al., "Composition Kills", USENIX Security 2020): every domain
+    # either parser finds is an author domain and gets evaluated.
+    try:
+        header = _REGISTRY("From", value)
+    except Exception:  # the stdlib parser has raised assorted errors on hostile input
+        header = None
+    if isinstance(header, AddressHeader):
+        found.extend(f"{a.username}@{a.domain}" for a in header.addresses)
+    found.extend(addr for _, addr in getaddresses([value]))
+    return found
+
+
+def from_domains(header_block: bytes) -> list[str]:
+    """The author domains (RFC 7489 3.1: the domain of the RFC5322.From address) of
+    every From: field, lower case, without trailing dot, each once, in order.
+
+    Handles groups (RFC 6854), comments, quoted local parts and encoded-word display
+    names.  Address literals and addresses without a domain are left out.  More than
+    one result means several authors (or several From: fields, which RFC 5322 3.6
+    forbids); none means DMARC has nothing to evaluate (RFC 7489 6.6.1).
+    """
+    domains: list[str] = []
+    for field in iter_fields(header_block):
+        if not field.is_named(b"From"):
+            continue
+        value = unfold(field.value).decode("utf-8", "replace")
+        for address in _addresses(value):
+            domain = _domain_of(address)
+            if domain is not None and domain not in domains:
+                domains.append(domain)
+    return domains

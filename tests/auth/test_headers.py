@@ -1,0 +1,96 @@
+"""Header-section helpers: where the header ends, fields as received, unfolding, authors."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from maitred_tx.auth.headers import (
+    HeaderField,
+    from_domains,
+    header_end,
+    iter_fields,
+    split_message,
+    unfold,
+)
+
+MESSAGE = (b"Received: from a\r\n\tby b\r\nFrom: Alice <alice@example.com>\r\n"
+           b"Subject: hi\r\n\r\nbody\r\n\r\nFrom: not@a-header.example\r\n")
+
+
+def test_header_end_and_split() -> None:
+    end = header_end(MESSAGE)
+    assert end is not None and MESSAGE[end:].startswith(b"body")
+    head, body = split_message(MESSAGE)
+    assert head.endswith(b"Subject: hi\r\n") and body.startswith(b"body")
+    assert header_end(b"\r\nbody") == 2
+    assert header_end(b"A: b\n\nbody") == 6
+    assert header_end(b"A: b\r\nC: d\r\n") is None
+    assert split_message(b"A: b\r\n") == (b"A: b\r\n", b"")
+
+
+def test_header_end_on_a_prefix_never_looks_past_the_empty_line() -> None:
+    for cut in range(len(MESSAGE)):
+        end = header_end(MESSAGE[:cut])
+        assert end is None or end == header_end(MESSAGE)
+
+
+def test_fields_keep_their_bytes() -> None:
+    head, _ = split_message(MESSAGE)
+    fields = list(iter_fields(head))
+    assert [f.name for f in fields] == [b"Received", b"From", b"Subject"]
+    assert fields[0] == HeaderField(b"Received", b"Received: from a\r\n\tby b\r\n",
+                                    b" from a\r\n\tby b\r\n")
+    assert b"".join(f.raw for f in fields) == head
+
+
+def test_odd_lines() -> None:
+    block = b" orphan continuation\r\nFrom x@y\r\nSubject : s\rt\r\nX:\r\n"
+    fields = list(iter_fields(block))
+    assert [f.name for f in fields] == [None, None, b"Subject", b"X"]
+    assert fields[2].raw == b"Subject : s\rt\r\n"  # a lone CR ends no line
+    assert fields[2].is_named(b"subject")
+
+
+@given(st.lists(st.sampled_from([b"A: 1", b" c", b"\tc", b"B:", b"junk", b"", b"x\ry"]))
+       .map(lambda lines: b"\r\n".join(lines)))
+def test_fields_concatenate_to_the_block(block: bytes) -> None:
+    assert b"".join(f.raw for f in iter_fields(block)) == block
+
+
+def test_unfold() -> None:
+    assert unfold(b" a\r\n\tb\r\n  c\r\n") == b" a\tb  c"
+    assert unfold(b" a\n b\n") == b" a b"
+
+
+@pytest.mark.parametrize(("value", "domains"), [
+    (b"Alice <alice@Example.COM.>", ["example.com"]),
+    (b"alice@example.com (Alice <x@comment.example>)", ["example.com"]),
+    (b'"bob@evil.example" <bob@example.com>', ["example.com"]),
+    (b'"weird@local"@example.com', ["example.com"]),
+    (b"=?utf-8?q?x=40evil.example?= <a@example.com>", ["example.com"]),
+    (b"Team: a@example.com, b@example.net;", ["example.com", "example.net"]),
+    (b"a@example.com,\r\n\tb@EXAMPLE.com", ["example.com"]),
+    (b"undisclosed-recipients:;", []),
+    (b"nobody", []),
+    (b"a@[192.0.2.1]", []),
+    (b"<@route.example:a@example.com>", ["example.com"]),
+    (b"user@m\xc3\xbcnchen.example", ["m\u00fcnchen.example"]),
+    # parsers disagree on this one: every domain either sees is an author domain
+    (b"a@victim.example <b@evil.example>", ["victim.example", "evil.example"]),
+])
+def test_from_domains(value: bytes, domains: list[str]) -> None:
+    assert from_domains(b"Subject: x\r\nFrom: " + value + b"\r\nTo: c@to.example\r\n") == domains
+
+
+def test_several_from_fields_and_no_from_field() -> None:
+    block = b"From: a@example.com\r\nfrom: b@example.net\r\n"
+    assert from_domains(block) == ["example.com", "example.net"]
+    assert from_domains(b"Sender: a@example.com\r\nReply-To: b@example.net\r\n") == []
+
+
+@given(st.binary(max_size=200))
+def test_from_domains_never_raises(value: bytes) -> None:
+    for domain in from_domains(b"From: " + value.replace(b"\n", b"\n ") + b"\r\n"):
+        assert domain == domain.lower() and domain and not domain.endswith(".")
