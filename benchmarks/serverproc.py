@@ -80,6 +80,10 @@ def _maitred(*delivery: str, twistd: tuple[str, ...] = ()) -> Callable[[int, Pat
             "localhost",
             "--hostname",
             "localhost",
+            # The load comes from one address: the per-client limit (default 50
+            # sessions) would refuse scenario (d)'s 2000 idle connections.
+            "--max-client-connections",
+            "0",
         ]
 
     return argv
