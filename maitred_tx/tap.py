@@ -9,6 +9,7 @@ from ipaddress import ip_network
 from typing import Any, ClassVar
 
 from twisted.cred import strcred
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.logger import Logger
@@ -218,7 +219,8 @@ def makeService(options: Options) -> SMTPService:
         _log.warn("--insecure-auth is set: passwords may cross the network in the clear")
     portal = None
     if options.get("credCheckers"):
-        portal = Portal(DeliveryRealm(delivery), options["credCheckers"])
+        checkers = [_bytes_users(c) for c in options["credCheckers"]]
+        portal = Portal(DeliveryRealm(delivery), checkers)
     tls = server_context(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
     listeners = [(d, config) for d in options["listen"]]
     listeners += [(d, replace(config, mode=Mode.SUBMISSION)) for d in options["submission"]]
@@ -232,6 +234,19 @@ def makeService(options: Options) -> SMTPService:
     for description, listener_config in listeners:
         service.listen(description, listener_config)
     return service
+
+
+def _bytes_users(checker: Any) -> Any:
+    """twisted.cred's ``memory:`` strcred plugin stores str names and passwords, while
+    the credentials it is asked about carry bytes (as twisted.mail's do): no login could
+    ever succeed.  Store them as UTF-8 bytes, as the checker documents."""
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode("utf-8") if isinstance(k, str) else k):
+            (v.encode("utf-8") if isinstance(v, str) else v)
+            for k, v in checker.users.items()
+        }
+    return checker
 
 
 @implementer(IRealm)

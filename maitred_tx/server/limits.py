@@ -33,10 +33,18 @@ class ClientLimiter:
     def connection_allowed(self, address: str) -> bool:
         """Record a new session from *address*; False if it is over a limit (the caller
         answers 421 4.7.0 and closes, and must still call ``connection_closed``)."""
+        return self.admit(address) is None
+
+    def admit(self, address: str) -> str | None:
+        """Like ``connection_allowed``, but says which limit refused the session:
+        None (admitted), "connections" (too many at once) or "rate" (too many new ones
+        this minute), so that the 421 can say which."""
         self._open[address] = self._open.get(address, 0) + 1
         if self._max_connections and self._open[address] > self._max_connections:
-            return False
-        return self._within_rate(self._connections, address, self._max_connection_rate)
+            return "connections"
+        if not self._within_rate(self._connections, address, self._max_connection_rate):
+            return "rate"
+        return None
 
     def connection_closed(self, address: str) -> None:
         left = self._open.get(address, 0) - 1

@@ -120,12 +120,13 @@ class SMTPServerProtocol(Protocol):
         trusted = self.factory.is_trusted_proxy(context.peer_host)
         implicit_tls = ISSLTransport.providedBy(transport)
         self.policy = Policy(self._delivery, replace(context, tls=implicit_tls))
+        self._unauthenticated = self.policy.delivery  # what serves the session before AUTH
         info = SessionInfo(lmtp=self.config.lmtp, tls=implicit_tls, trusted=trusted)
         self.session = ServerSession(self.config, info=info)
         if trusted:
             self._proxy_buf = b""  # the first bytes may be a PROXY header (v1 or v2)
         else:
-            self._admit(context.peer_host)
+            self._admit(context.peer_host, at_connect=True)
         if self.factory.portal is not None:
             d = authn.anonymous_login(self.factory.portal)
             d.addCallback(self._anonymous_avatar)
@@ -175,14 +176,19 @@ class SMTPServerProtocol(Protocol):
 
     # --- who the client is: limits, PROXY headers, anonymous avatar ----------------------
 
-    def _admit(self, client: str) -> None:
+    def _admit(self, client: str, at_connect: bool = False) -> None:
         """Count the session against *client*'s limits; over them: 421 4.7.0."""
         self._client, self._counted = client, True
         limiter, session = self.factory.limiter, self.session
         assert session is not None
-        if not limiter.connection_allowed(client):
-            _log.info("{peer} refused: too many connections", peer=client)
-            session.close_with(R.R421_CLIENT_LIMIT)
+        refused = limiter.admit(client)
+        if refused is not None:
+            _log.info("{peer} refused: {limit} limit", peer=client, limit=refused)
+            if at_connect:
+                # The 421 replaces the greeting, not follows it (RFC 5321 3.1, as
+                # Postfix answers): drop the 220 the session has queued but not sent.
+                session.data_to_send()
+            session.close_with(R.R421_CLIENT_RATE if refused == "rate" else R.R421_CLIENT_LIMIT)
             self._drive()
 
     def _proxy_header(self, data: bytes) -> bytes:
@@ -230,6 +236,7 @@ class SMTPServerProtocol(Protocol):
         # twisted.mail's ESMTP gives anonymous sessions the portal's anonymous avatar.
         if avatar is not None and self.policy is not None and self._login is None:
             self.policy.delivery = IDelivery(delivery_provider(avatar)())
+            self._unauthenticated = self.policy.delivery
 
     def shutdown(self) -> None:
         """The server stops: answer 421 and close (RFC 5321 3.8)."""
@@ -465,6 +472,20 @@ class SMTPServerProtocol(Protocol):
         transport: Any = self.transport
         transport.startTLS(self.factory.tls)
         session.tls_started()
+        # RFC 3207 4.2: forget what the client told us in the clear (EHLO, AUTH).
+        self._forget_client(tls=True)
+
+    def _forget_client(self, tls: bool = False) -> None:
+        """The session starts over (STARTTLS, XCLIENT): log out, and the delivery and
+        context no longer carry the HELO name or the identity of before."""
+        policy = self.policy
+        assert policy is not None
+        if self._login is not None:
+            self._login.logout()
+            self._login = None
+            policy.delivery = self._unauthenticated
+        policy.context = replace(policy.context, helo=None, esmtp=False, authenticated=None,
+                                 tls=policy.context.tls or tls)
 
     def _on_auth(self, event: AuthRequested) -> None:
         portal, session = self.factory.portal, self.session
@@ -493,6 +514,7 @@ class SMTPServerProtocol(Protocol):
         session, policy = self.session, self.policy
         assert session is not None and policy is not None
         x = event.attributes
+        self._forget_client()
         context = policy.context
         policy.context = replace(
             context,

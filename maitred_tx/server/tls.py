@@ -28,13 +28,23 @@ def server_context(cert_path: str | Path, key_path: str | Path | None = None) ->
         ssl.Certificate.loadPEM(block).original
         for block in _pem_blocks(cert_pem)[1:]
     ]
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=certificate.privateKey.original,
         certificate=certificate.original,
         extraCertChain=chain or None,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         verify=False,
     )
+    # verify=False alone never sends a CertificateRequest, so no client certificate
+    # would ever be seen.  Ask for one (VERIFY_PEER without FAIL_IF_NO_PEER_CERT) and
+    # accept whatever comes: judging it is the delivery's business, not the handshake's.
+    # getContext() builds the context once and caches it, so this sticks.
+    options.getContext().set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _any_certificate)
+    return options
+
+
+def _any_certificate(connection: Any, x509: Any, errno: int, depth: int, ok: int) -> bool:
+    return True
 
 
 def _pem_blocks(pem: bytes) -> list[bytes]:
