@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from typing import Any
 
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.params import MailParams, RcptParams
@@ -53,6 +54,10 @@ class Envelope:
     recipients: tuple[Recipient, ...]
     received_at: float = field(default_factory=time.time)
     chunked: bool = False  # the body arrived by BDAT
+    # The SPF/DKIM/ARC/DMARC verdicts (a maitred_tx.auth.checks.AuthResults) when the
+    # listener checks messages (issue 5); None when it does not.  Typed Any so that this
+    # module stays free of the checks' imports.
+    auth: Any = None
 
 
 def _protocol(env: Envelope) -> str:

@@ -13,18 +13,27 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 
+from maitred_tx.auth.resolver import Resolver
 from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.smtp.config import Config
 
-__all__ = ["DEFAULT_LISTEN", "SMTPService"]
+__all__ = ["AUTH_THREADS", "DEFAULT_DNS_TIMEOUT", "DEFAULT_LISTEN", "SMTPService"]
 
 # Loopback only by default: exposing a mail server is a decision, not an accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+# Seconds one DNS lookup of the authentication checks may take (two UDP tries, see
+# maitred_tx.auth.dns): short, so that a host without a reachable resolver gets
+# temperror verdicts quickly instead of holding every message; OpenDKIM's DNSTimeout
+# is 10 s, and a recursive resolver that needs more has failed for this message anyway.
+DEFAULT_DNS_TIMEOUT = 5.0
+# Threads for dkimpy's CPU work (see maitred_tx.auth.checks.AuthChecker): the machines
+# we measure on have 2 cores, and CPU-bound work gains nothing from more.
+AUTH_THREADS = 2
 # Endpoint types whose connections can be upgraded with STARTTLS.
 _STARTTLS_ENDPOINTS = ("tcp:", "tcp6:")
 
@@ -47,6 +56,9 @@ class SMTPService(MultiService):
         portal: Portal | None = None,
         tls: Any = None,
         trusted_proxies: Sequence[str] = (),
+        resolver: Resolver | None = None,
+        dns_servers: Sequence[tuple[str, int]] | None = None,
+        dns_timeout: float = DEFAULT_DNS_TIMEOUT,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -61,6 +73,13 @@ class SMTPService(MultiService):
             max_connection_rate=limits.max_client_connection_rate,
             max_message_rate=limits.max_client_message_rate,
         )
+        # Authentication checks (issue 5): built when the first listener that checks
+        # messages is added.  *resolver* replaces the twisted.names one that asks
+        # *dns_servers* (default: /etc/resolv.conf) with *dns_timeout* per lookup.
+        self.resolver = resolver
+        self.dns_servers = dns_servers
+        self.dns_timeout = dns_timeout
+        self.checker: Any = None
         self.factories: list[SMTPFactory] = []
         for description in listen:
             self.listen(description, config)
@@ -84,13 +103,44 @@ class SMTPService(MultiService):
             tls=self.tls,
             trusted_proxies=self.trusted_proxies,
             limiter=self.limiter,
+            checker=self._checker() if config.checks_messages else None,
         )
         strports.service(description, factory, reactor=self.reactor).setServiceParent(self)
         self.factories.append(factory)
         return factory
+
+    def _checker(self) -> Any:
+        if self.checker is None:
+            from twisted.python.threadpool import ThreadPool
+
+            from maitred_tx.auth.checks import AuthChecker
+
+            if self.resolver is None:
+                from maitred_tx.auth.dns import TwistedResolver
+
+                self.resolver = TwistedResolver(self.reactor, self.dns_servers, self.dns_timeout)
+            pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="maitred-auth")
+            _ThreadPoolService(pool).setServiceParent(self)
+            self.checker = AuthChecker(self.reactor, self.resolver, threadpool=pool)
+        return self.checker
 
     def stopService(self) -> Deferred[None] | None:
         # Say 421 to every open session before the listeners go (RFC 5321 3.8).
         for factory in self.factories:
             factory.shutdown()
         return super().stopService()
+
+
+class _ThreadPoolService(Service):
+    """Starts a thread pool with the service and stops it (joining its threads) after."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()

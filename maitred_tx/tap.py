@@ -17,13 +17,21 @@ from twisted.python import reflect, usage
 from zope.interface import implementer
 
 from maitred_tx.server.tls import server_context
-from maitred_tx.service import DEFAULT_LISTEN, SMTPService
-from maitred_tx.smtp.config import BareLineEndings, Config, Limits, Mode
+from maitred_tx.service import DEFAULT_DNS_TIMEOUT, DEFAULT_LISTEN, SMTPService
+from maitred_tx.smtp.config import (
+    AuthChecks,
+    AuthTempError,
+    BareLineEndings,
+    Config,
+    Limits,
+    Mode,
+)
 
 __all__ = ["Options", "makeService"]
 
 _log = Logger()
 _DEFAULTS = Limits()
+_AUTH = AuthChecks()
 
 
 def _positive_int(value: str) -> int:
@@ -61,6 +69,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["require-tls", None, "Refuse MAIL until the session uses TLS (530 5.7.0)."],
         ["insecure-auth", None, "DANGEROUS: offer AUTH on cleartext sessions "
                                 "(passwords readable on the wire)."],
+        ["no-auth-checks", None, "Do not check SPF, DKIM, ARC and DMARC (no "
+                                 "Authentication-Results field is added)."],
+        ["lmtp-auth-checks", None, "Check SPF, DKIM, ARC and DMARC on the --lmtp "
+                                   "listeners too (off by default: the MTA in front "
+                                   "has checked)."],
+        ["dmarc-reject", None, "Refuse messages that fail DMARC when the author domain "
+                               "publishes p=reject (550 5.7.1 after the body)."],
     ]
     optParameters: ClassVar[list[list[Any]]] = [
         ["hostname", None, None, "Name used in the greeting, EHLO and Received: "
@@ -104,6 +119,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "New sessions per client address per minute (0: no limit).", _natural],
         ["max-client-message-rate", None, _DEFAULTS.max_client_message_rate,
          "Messages per client address per minute (0: no limit).", _natural],
+        ["auth-temperror", None, "accept", "A temporary DNS failure that could change "
+                                           "the authentication verdict: 'accept' "
+                                           "(deliver, recorded as temperror) or 'defer' "
+                                           "(451 4.7.0, the sender retries)."],
+        ["dns-timeout", None, DEFAULT_DNS_TIMEOUT, "Seconds for one DNS lookup of the "
+                                                   "authentication checks.", _seconds],
+        ["max-dkim-size", None, _AUTH.max_dkim_size, "Largest message whose DKIM and ARC "
+                                                     "signatures are verified, in octets "
+                                                     "(larger: dkim=policy).", _natural],
         ["bare-line-endings", None, "reject", "A bare CR or LF inside a message: "
                                               "'reject' (550 5.6.0) or 'accept' (store "
                                               "as sent).  Neither ever ends DATA."],
@@ -116,6 +140,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["lmtp"] = []
         self["domain"] = []
         self["trusted-proxy"] = []
+        self["dns-server"] = []
 
     def opt_listen(self, description: str) -> None:
         """Twisted server endpoint string for an MX listener (repeatable; default
@@ -140,11 +165,23 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--trusted-proxy: {e}") from None
         self["trusted-proxy"].append(network)
 
+    def opt_dns_server(self, server: str) -> None:
+        """Resolver for the authentication checks, HOST[:PORT] ([IPv6]:PORT; repeatable;
+        default: the nameservers of /etc/resolv.conf)."""
+        from maitred_tx.auth.dns import parse_dns_server
+
+        try:
+            self["dns-server"].append(parse_dns_server(server))
+        except ValueError as e:
+            raise usage.UsageError(f"--dns-server: {e}") from None
+
     def opt_domain(self, domain: str) -> None:
         """A domain to accept mail for (repeatable; default: localhost)."""
         self["domain"].append(domain)
 
     def postOptions(self) -> None:
+        if self["auth-temperror"] not in ("accept", "defer"):
+            raise usage.UsageError("--auth-temperror must be 'accept' or 'defer'")
         if self["bare-line-endings"] not in ("reject", "accept"):
             raise usage.UsageError("--bare-line-endings must be 'reject' or 'accept'")
         delivery = self["delivery"]
@@ -181,6 +218,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             relay=bool(self["relay"]),
             require_tls=bool(self["require-tls"]),
             insecure_auth=bool(self["insecure-auth"]),
+            auth_checks=AuthChecks(
+                enabled=False if self["no-auth-checks"] else None,
+                temperror=AuthTempError(self["auth-temperror"]),
+                dmarc_reject=bool(self["dmarc-reject"]),
+                max_dkim_size=self["max-dkim-size"],
+            ),
         )
 
 
@@ -224,12 +267,16 @@ def makeService(options: Options) -> SMTPService:
     tls = server_context(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
     listeners = [(d, config) for d in options["listen"]]
     listeners += [(d, replace(config, mode=Mode.SUBMISSION)) for d in options["submission"]]
-    listeners += [(d, replace(config, mode=Mode.LMTP)) for d in options["lmtp"]]
+    lmtp = replace(config, mode=Mode.LMTP)
+    if options["lmtp-auth-checks"] and not options["no-auth-checks"]:
+        lmtp = replace(lmtp, auth_checks=replace(config.auth_checks, enabled=True))
+    listeners += [(d, lmtp) for d in options["lmtp"]]
     if not listeners:
         listeners = [(DEFAULT_LISTEN, config)]
     service = SMTPService(
         reactor, config, delivery, (), portal=portal, tls=tls,
         trusted_proxies=options["trusted-proxy"],
+        dns_servers=options["dns-server"] or None, dns_timeout=options["dns-timeout"],
     )
     for description, listener_config in listeners:
         service.listen(description, listener_config)

@@ -167,7 +167,7 @@ def _dkim(entries: Sequence[DKIMLike]) -> list[str]:
 def format_authentication_results(
     authserv_id: str,
     *,
-    spf: SPFEntry | None = None,
+    spf: SPFEntry | Sequence[SPFEntry] | None = None,
     dkim: Sequence[DKIMLike] = (),
     arc: ARCLike | None = None,
     dmarc: DMARCLike | None = None,
@@ -180,8 +180,9 @@ def format_authentication_results(
     our own checks, and writing them would break the header.
     """
     resinfo: list[str] = []
-    if spf is not None:
-        resinfo.append(_resinfo("spf", spf, props=[(f"smtp.{spf.scope}", spf.identity)]))
+    # RFC 8601 2.7.2: one spf result per identity checked (smtp.mailfrom, smtp.helo).
+    for entry in (spf,) if isinstance(spf, SPFEntry) else spf or ():
+        resinfo.append(_resinfo("spf", entry, props=[(f"smtp.{entry.scope}", entry.identity)]))
     resinfo.extend(_dkim(dkim))
     if arc is not None:
         oldest = arc.oldest_pass

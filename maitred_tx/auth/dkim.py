@@ -52,7 +52,6 @@ calls after its header preparation).  Written against dkimpy 1.1.
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import re
 import time
@@ -67,7 +66,7 @@ from dkim.canonicalization import (
 )
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from maitred_tx.auth.resolver import NXDomain, Resolver, TemporaryDNSError
+from maitred_tx.auth.resolver import NXDomain, Record, Resolver, TemporaryDNSError
 
 __all__ = ["CPURunner", "DKIMResult", "DKIMResultValue", "verify_dkim"]
 
@@ -183,19 +182,33 @@ KeyAnswer: TypeAlias = "bytes | KeyMissing | KeyTemporary"
 
 
 async def fetch_keys(names: Iterable[bytes], resolver: Resolver) -> dict[bytes, KeyAnswer]:
-    """Looks up every key name once, concurrently."""
+    """Looks up every key name once.
+
+    No asyncio.gather: the checks are driven by Twisted's ensureDeferred in production
+    (maitred_tx.auth.checks) and by asyncio in tests, so nothing here may need a loop.
+    Every lookup is asked for before the first is awaited instead, which makes them
+    concurrent with a resolver whose ``lookup()`` starts at the call (AuthChecker wraps
+    its resolver so); with plain coroutines they run one after the other.
+    """
     unique = list(dict.fromkeys(names))
-    answers = await asyncio.gather(*(_fetch_key(name, resolver) for name in unique))
-    return dict(zip(unique, answers, strict=True))
+    pending = [(name, _ask(name, resolver)) for name in unique]
+    return {name: await _key_answer(name, asked) for name, asked in pending}
 
 
-async def _fetch_key(name: bytes, resolver: Resolver) -> KeyAnswer:
+def _ask(name: bytes, resolver: Resolver) -> Awaitable[Sequence[Record]] | KeyMissing:
     try:
         text = name.decode("utf-8")
     except UnicodeDecodeError:
         return KeyMissing("key name is not UTF-8")
+    return resolver.lookup(text, "TXT")
+
+
+async def _key_answer(name: bytes, asked: Awaitable[Sequence[Record]] | KeyMissing) -> KeyAnswer:
+    if isinstance(asked, KeyMissing):
+        return asked
+    text = name.decode("utf-8")
     try:
-        records = await resolver.lookup(text, "TXT")
+        records = await asked
     except NXDomain:
         return KeyMissing(f"no key for signature: {text} does not exist")
     except TemporaryDNSError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from ipaddress import ip_address, ip_network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -15,12 +15,17 @@ from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.server.protocol import SMTPServerProtocol
 from maitred_tx.smtp.config import Config
 
+if TYPE_CHECKING:  # imported by whoever builds one: dkimpy stays unloaded without checks
+    from maitred_tx.auth.checks import AuthChecker
+
 __all__ = ["SMTPFactory"]
 
 
 class SMTPFactory(ServerFactory):
     """Serves *delivery* — a maitred_tx IDelivery or a twisted.mail IMessageDelivery /
-    IMessageDeliveryFactory — with the limits and policy of *config*.
+    IMessageDeliveryFactory — with the limits and policy of *config*.  With a *checker*
+    (maitred_tx.auth.checks.AuthChecker), messages get SPF/DKIM/ARC/DMARC verdicts
+    when ``config.checks_messages``.
 
     The reactor is a parameter (for timers), never the global one.
     """
@@ -35,6 +40,7 @@ class SMTPFactory(ServerFactory):
         tls: Any = None,
         trusted_proxies: Sequence[str] = (),
         limiter: ClientLimiter | None = None,
+        checker: AuthChecker | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -45,6 +51,9 @@ class SMTPFactory(ServerFactory):
         self.portal = portal
         self.tls = tls
         self.trusted_proxies = tuple(ip_network(n, strict=False) for n in trusted_proxies)
+        # SPF/DKIM/ARC/DMARC (issue 5): messages are checked when a checker is given and
+        # config.checks_messages says so.
+        self.checker = checker
         limits = config.limits
         self.limiter = limiter or ClientLimiter(
             reactor.seconds,

@@ -94,6 +94,9 @@ class SMTPServerProtocol(Protocol):
         self._counted = False  # counted in the limiter: uncount when the connection ends
         self._proxy_buf: bytes | None = None  # a trusted proxy's PROXY header, arriving
         self._login: authn.Login | None = None
+        # The SPF checks started at MAIL when this transaction's message is checked
+        # (issue 5, maitred_tx.auth.checks); None when it is not.
+        self._spf: Deferred[Any] | None = None
 
     # --- connection ------------------------------------------------------------------
 
@@ -374,6 +377,7 @@ class SMTPServerProtocol(Protocol):
     def _on_mail(self, event: MailReceived) -> None:
         session, policy = self.session, self.policy
         assert session is not None and policy is not None
+        self._spf = None
         if not self.factory.limiter.message_allowed(self._client):
             _log.info("{peer} refused: message rate", peer=self._client)
             session.close_with(R.R421_MESSAGE_RATE)  # the MAIL is answered by the 421
@@ -385,6 +389,11 @@ class SMTPServerProtocol(Protocol):
             if str(sender).lower() not in allowed:
                 session.decide(R.R550_SENDER_NOT_OWNED)
                 return
+        checker = self.factory.checker
+        if checker is not None and self.config.checks_messages and not (
+            policy.context.authenticated
+        ):  # SPF runs while RCPT and the body arrive
+            self._spf = checker.start_spf(policy.context, sender)
         self._wait_for(policy.mail(event.command), session.decide)
 
     def _on_rcpt(self, event: RcptReceived) -> None:
@@ -399,6 +408,14 @@ class SMTPServerProtocol(Protocol):
         self._message_started = time.monotonic()
         self._txn = event.transaction
         envelope = policy.envelope(event.transaction)
+        spf, self._spf = self._spf, None
+        checker = self.factory.checker
+        if spf is not None and checker is not None:
+            # Checked: the body goes to a spool; the delivery's sink opens after the checks.
+            limits = self.config.limits
+            self._opened(checker.sink(envelope, self.config.auth_checks, spf, policy.open,
+                                      limits.max_header_block))
+            return
         self._wait_for(policy.open(envelope), self._opened)
 
     def _on_complete(self, event: MessageComplete) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["BareLineEndings", "Config", "Limits"]
+__all__ = ["AuthChecks", "AuthTempError", "BareLineEndings", "Config", "Limits"]
 
 
 class Mode(enum.Enum):
@@ -35,6 +35,45 @@ class BareLineEndings(enum.Enum):
 
     REJECT = "reject"
     ACCEPT = "accept"
+
+
+class AuthTempError(enum.Enum):
+    """What to do with a message whose authentication verdict hit a temporary DNS error
+    that could change it (see ``AuthChecks``)."""
+
+    ACCEPT = "accept"  # deliver; the Authentication-Results field says temperror
+    DEFER = "defer"  # 451 4.7.0 after the body: the sender retries (RFC 7208 8.6)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChecks:
+    """Inbound email authentication (SPF, DKIM, ARC, DMARC) on one listener (issue 5).
+
+    The checks need a resolver and a thread pool: ``SMTPService`` (and ``twistd
+    maitred``) build them; a bare ``SMTPFactory`` checks only when given a checker.
+    By default verdicts are only *recorded* in an Authentication-Results field: like
+    OpenDMARC's RejectFailures=false and Postfix policyd-spf's defaults for DMARC, a
+    receiver acts on them only when asked.  Authenticated (submission) sessions are never
+    checked: the checks are about mail from strangers.
+    """
+
+    # None: on for MX and submission listeners, off for LMTP (an LMTP server sits behind
+    # another MTA, which has checked already: RFC 8601 5 lets the border MTA vouch).
+    enabled: bool | None = None
+    # DEFER answers 451 4.7.0 when a temporary DNS error could change the verdict.
+    temperror: AuthTempError = AuthTempError.ACCEPT
+    # Refuse (550 5.7.1, after the body) a message whose DMARC result is fail and whose
+    # author domain asks for p=reject (RFC 7489 6.7, 7.3 leave enforcement to us).
+    dmarc_reject: bool = False
+    # DKIM/ARC verification holds the whole message in memory (dkimpy): larger messages
+    # get dkim=policy instead.  Postfix's message_size_limit, our default max size, so
+    # every message a default server accepts is verified; raise max_message_size and
+    # bigger ones are skipped rather than held in memory (SpamAssassin skips far sooner).
+    max_dkim_size: int = 10_240_000
+
+    def __post_init__(self) -> None:
+        if self.max_dkim_size < 0:
+            raise ValueError("max_dkim_size must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +150,14 @@ class Config:
     auth: bool = False
     # DANGEROUS: offer AUTH on a cleartext session (passwords in the clear).
     insecure_auth: bool = False
+    # SPF, DKIM, ARC and DMARC verdicts in an Authentication-Results field (issue 5).
+    auth_checks: AuthChecks = field(default_factory=AuthChecks)
+
+    @property
+    def checks_messages(self) -> bool:
+        """True when this listener runs the authentication checks (``AuthChecks``)."""
+        enabled = self.auth_checks.enabled
+        return self.mode is not Mode.LMTP if enabled is None else enabled
 
     @property
     def lmtp(self) -> bool:

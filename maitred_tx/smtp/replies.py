@@ -106,6 +106,11 @@ R421_TOO_MANY_ERRORS: Final = _r(421, "4.7.0", "{hostname} Too many errors, clos
 R421_HEADER_TOO_BIG: Final = _r(421, "4.7.0", "{hostname} Header block too large, closing")
 R451_LOCAL_ERROR: Final = _r(451, "4.3.0", "Local error in processing, try again later")
 R451_DELIVERY_FAILED: Final = _r(451, "4.3.0", "Could not store message, try again later")
+# Issue 5, --auth-temperror=defer: a DNS failure could change the authentication verdict
+# (RFC 7208 8.6 asks for a 4xx on SPF temperror; RFC 3463 X.7.0: security, other).
+R451_AUTH_TEMPERROR: Final = _r(
+    451, "4.7.0", "Temporary failure checking sender authentication ({checks}), try again later"
+)
 R452_TOO_MANY_RCPTS: Final = _r(452, "4.5.3", "Too many recipients")
 R452_NO_STORAGE: Final = _r(452, "4.3.1", "Insufficient system storage")
 
@@ -140,6 +145,11 @@ R555_UNKNOWN_PARAM: Final = _r(555, "5.5.4", "Unsupported parameter {keyword}")
 # --- 5xx: policy and content -----------------------------------------------------------
 R550_RELAY_DENIED: Final = _r(550, "5.7.1", "Relaying denied")
 R550_NO_SUCH_USER: Final = _r(550, "5.1.1", "Recipient rejected")
+# Issue 5, --dmarc-reject: the author domain's DMARC policy is p=reject and the message
+# fails DMARC (RFC 7489 6.7; RFC 3463 X.7.1: delivery not authorized, message refused).
+R550_DMARC_REJECT: Final = _r(
+    550, "5.7.1", "Message rejected: it fails the DMARC policy of {domain}"
+)
 R550_SENDER_REJECTED: Final = _r(550, "5.7.1", "Sender rejected")
 R550_BARE_LINE_ENDING: Final = _r(550, "5.6.0", "Message contains a bare <CR> or <LF>")
 R550_NUL_CHARACTER: Final = _r(550, "5.6.0", "Message contains a NUL character")

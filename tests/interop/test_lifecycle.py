@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest_twisted
@@ -18,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from maitred_tx.delivery.maildir import MaildirDelivery
 from maitred_tx.delivery.memory import MemoryDelivery
 from maitred_tx.service import SMTPService
+from maitred_tx.smtp.config import AuthChecks
 
 START = b"MAIL FROM:<a@b.org>\r\nRCPT TO:<user@localhost>\r\nDATA\r\n"
 
@@ -32,7 +34,10 @@ def open_data(c: Client) -> None:
 async def test_service_stop_says_421_to_open_sessions():
     delivery = MemoryDelivery()
     port = free_port()
-    service = SMTPService(reactor, config(), delivery, [f"tcp:{port}:interface=127.0.0.1"])
+    # Without the authentication checks the delivery's sink opens at DATA and must be
+    # aborted; with them it opens after the body only (tests/interop/test_authentication).
+    unchecked = replace(config(), auth_checks=AuthChecks(enabled=False))
+    service = SMTPService(reactor, unchecked, delivery, [f"tcp:{port}:interface=127.0.0.1"])
     service.startService()
     try:
         client = await deferToThread(Client, port)
