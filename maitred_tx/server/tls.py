@@ -68,10 +68,6 @@ def tls_facts(transport: Any) -> TLSFacts | None:
         return None
     version = handle.get_protocol_version_name() or "unknown"
     cipher = handle.get_cipher_name() or "unknown"
-    peer = handle.get_peer_certificate()
-    subject = None
-    if peer is not None:
-        subject = ",".join(
-            f"{k.decode()}={v.decode()}" for k, v in peer.get_subject().get_components()
-        )
+    peer = handle.get_peer_certificate(as_cryptography=True)
+    subject = None if peer is None else peer.subject.rfc4514_string()
     return TLSFacts(version, cipher, subject)
