@@ -121,7 +121,23 @@ def _looks_like_domain(domain: str) -> bool:
 _REGISTRY = HeaderRegistry()
 
 
+# A From: value so plain that every parser reads the same one address out of it: an
+# optional display name of atext words, then a dot-atom addr-spec, bare or in angle
+# brackets.  Most mail looks like this; it skips the two full parsers below (about
+# 0.6 ms per message, the largest part of the checks' cost on the reactor thread).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_FROM = re.compile(
+    rf"[ \t]*(?:(?:{_ATEXT}[ \t]+)*{_ATEXT}[ \t]*)?"
+    rf"(<?)({_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*)(>?)[ \t]*"
+)
+
+
 def _addresses(value: str) -> list[str]:
+    plain = _PLAIN_FROM.fullmatch(value)
+    # "<a@b>" or "Name <a@b>" or a bare "a@b"; never "Name a@b" nor unbalanced brackets
+    if (plain is not None and bool(plain.group(1)) == bool(plain.group(3))
+            and (plain.group(1) or value.strip() == plain.group(2))):
+        return [plain.group(2)]
     found: list[str] = []
     # Two parsers, and the union of what they see.  A From: field crafted so that one
     # parser reads another address than the other (e.g. "a@victim.example
