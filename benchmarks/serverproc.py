@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,10 @@ class ServerSpec:
     prints_ready: bool
     is_maitred: bool = False
     maildir: bool = False
+    # TXT records for a dnsmasq on a free UDP port of 127.0.0.1, started and stopped
+    # with the server; "{dnsport}" in argv becomes its port (maitred's auth checks).
+    dns: tuple[tuple[str, str], ...] = ()
+    dns_ttl: int = 0
 
 
 def _script(name: str) -> Callable[[int, Path], list[str]]:
@@ -58,6 +63,14 @@ def _script(name: str) -> Callable[[int, Path], list[str]]:
 # peers log nothing per message).  This factory is a LogPublisher with no observers:
 # maitred_tx still builds and emits its events, and nothing formats or writes them.
 NULL_LOGGER = "--logger=twisted.logger.LogPublisher"
+# The SPF and DMARC records of the load generator's sender and HELO name (loadgen.py):
+# SPF passes for 127.0.0.1, DMARC p=none.  Any other name is REFUSED (no upstream).
+AUTH_ZONE = (
+    ("localhost", "v=spf1 ip4:127.0.0.1 -all"),
+    ("loadgen.localhost", "v=spf1 ip4:127.0.0.1 -all"),
+    ("_dmarc.localhost", "v=DMARC1; p=none"),
+)
+NO_CHECKS = "--no-auth-checks"  # the SMTP path alone: the peers check nothing either
 
 
 def _maitred(*delivery: str, twistd: tuple[str, ...] = ()) -> Callable[[int, Path], list[str]]:
@@ -107,24 +120,42 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec(
             "maitred",
             "maitred_tx via twistd, --delivery discard",
-            _maitred("--delivery", "discard"),
+            _maitred("--delivery", "discard", NO_CHECKS),
             prints_ready=False,
             is_maitred=True,
         ),
         ServerSpec(
             "maitred-nolog",
             "maitred_tx via twistd, --delivery discard, log events dropped",
-            _maitred("--delivery", "discard", twistd=(NULL_LOGGER,)),
+            _maitred("--delivery", "discard", NO_CHECKS, twistd=(NULL_LOGGER,)),
             prints_ready=False,
             is_maitred=True,
         ),
         ServerSpec(
             "maitred-maildir",
             "maitred_tx via twistd, --delivery maildir",
-            _maitred("--delivery", "maildir", "--maildir", "{workdir}/Maildir"),
+            _maitred("--delivery", "maildir", "--maildir", "{workdir}/Maildir", NO_CHECKS),
             prints_ready=False,
             is_maitred=True,
             maildir=True,
+        ),
+        ServerSpec(
+            "maitred-auth",
+            "maitred_tx, --delivery discard, SPF/DKIM/ARC/DMARC checks against a local "
+            "dnsmasq, answers cached (TTL 1 h)",
+            _maitred("--delivery", "discard", "--dns-server", "127.0.0.1:{dnsport}"),
+            prints_ready=False,
+            is_maitred=True,
+            dns=AUTH_ZONE,
+            dns_ttl=3600,
+        ),
+        ServerSpec(
+            "maitred-auth-nocache",
+            "maitred-auth with TTL 0: every lookup goes to dnsmasq over UDP",
+            _maitred("--delivery", "discard", "--dns-server", "127.0.0.1:{dnsport}"),
+            prints_ready=False,
+            is_maitred=True,
+            dns=AUTH_ZONE,
         ),
     )
 }
@@ -175,6 +206,31 @@ def free_port() -> int:
         return port
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_dnsmasq(port: int, records: tuple[tuple[str, str], ...], ttl: int
+                  ) -> subprocess.Popen[bytes]:
+    """dnsmasq (Debian dnsmasq-base) answering *records* on 127.0.0.1:*port*."""
+    program = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    if not os.path.exists(program):
+        raise ServerError("dnsmasq is not installed (Debian dnsmasq-base)")
+    argv = [program, "--no-daemon", "--keep-in-foreground", f"--port={port}",
+            "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+            "--conf-file=/dev/null", "--pid-file=", "--user=", f"--local-ttl={ttl}",
+            *(f"--txt-record={name},{text}" for name, text in records)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(0.2)  # binds at once; the server's first lookups come much later
+    if proc.poll() is not None:
+        raise ServerError(f"dnsmasq exited with {proc.returncode}")
+    return proc
+
+
 class ServerError(Exception):
     """A server did not start, or died while being measured."""
 
@@ -190,9 +246,15 @@ class RunningServer:
         self.extensions: dict[str, str] = {}
         if spec.maildir:
             (workdir / "Maildir").mkdir()
+        self.dns: subprocess.Popen[bytes] | None = None
+        argv = spec.argv(self.port, workdir)
+        if spec.dns:
+            dns_port = free_udp_port()
+            self.dns = start_dnsmasq(dns_port, spec.dns, spec.dns_ttl)
+            argv = [a.replace("{dnsport}", str(dns_port)) for a in argv]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                spec.argv(self.port, workdir),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -248,6 +310,9 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout)
+        if self.dns is not None and self.dns.poll() is None:
+            self.dns.terminate()
+            self.dns.wait(timeout)
 
     def message_count(self) -> int | None:
         """Messages the server says it received (peers' stats, maildir files) or None."""
