@@ -67,6 +67,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay", None, "DANGEROUS: accept mail for every domain (an open relay "
                         "unless the listener is protected otherwise)."],
         ["require-tls", None, "Refuse MAIL until the session uses TLS (530 5.7.0)."],
+        ["proxy-protocol", None, "Connections from --trusted-proxy networks start with a "
+                                 "PROXY v1/v2 header (HAProxy send-proxy[-v2]); without "
+                                 "one they are closed."],
         ["insecure-auth", None, "DANGEROUS: offer AUTH on cleartext sessions "
                                 "(passwords readable on the wire)."],
         ["no-auth-checks", None, "Do not check SPF, DKIM, ARC and DMARC (no "
@@ -218,6 +221,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             relay=bool(self["relay"]),
             require_tls=bool(self["require-tls"]),
             insecure_auth=bool(self["insecure-auth"]),
+            proxy_protocol=bool(self["proxy-protocol"]),
             auth_checks=AuthChecks(
                 enabled=False if self["no-auth-checks"] else None,
                 temperror=AuthTempError(self["auth-temperror"]),

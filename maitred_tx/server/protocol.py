@@ -126,8 +126,8 @@ class SMTPServerProtocol(Protocol):
         self._unauthenticated = self.policy.delivery  # what serves the session before AUTH
         info = SessionInfo(lmtp=self.config.lmtp, tls=implicit_tls, trusted=trusted)
         self.session = ServerSession(self.config, info=info)
-        if trusted:
-            self._proxy_buf = b""  # the first bytes may be a PROXY header (v1 or v2)
+        if trusted and self.config.proxy_protocol:
+            self._proxy_buf = b""  # the first bytes must be a PROXY header (v1 or v2)
         else:
             self._admit(context.peer_host, at_connect=True)
         if self.factory.portal is not None:
@@ -195,14 +195,17 @@ class SMTPServerProtocol(Protocol):
             self._drive()
 
     def _proxy_header(self, data: bytes) -> bytes:
-        """Take a PROXY header off the front of a trusted proxy's stream (HAProxy's
-        send-proxy / send-proxy-v2); anything else there is the client's first bytes."""
+        """Take the PROXY header off the front of a trusted proxy's stream (HAProxy's
+        send-proxy / send-proxy-v2).  No header where one is expected closes the
+        connection: guessing would let a client forge one (the PROXY spec, 2.)."""
         buf = (self._proxy_buf or b"") + data
         sig = _PROXY_V2 if buf[:1] == b"\r" else _PROXY_V1
-        if not (buf.startswith(sig) or sig.startswith(buf)):
-            self._proxy_buf = None  # no header (e.g. nginx, which uses XCLIENT)
-            self._admit(self._peer())
-            return buf
+        if not (buf.startswith(sig) or sig.startswith(buf[: len(sig)])):
+            _log.info("{peer} sent no PROXY header: closing", peer=self._peer())
+            self._proxy_buf = None
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return b""
         try:
             header = parse_proxy_header(buf)
         except ProxyError as e:

@@ -150,6 +150,11 @@ class Config:
     auth: bool = False
     # DANGEROUS: offer AUTH on a cleartext session (passwords in the clear).
     insecure_auth: bool = False
+    # Connections from trusted proxies on this listener start with a PROXY v1/v2 header
+    # (HAProxy's send-proxy[-v2]); without one they are closed.  The PROXY spec forbids
+    # guessing, so a listener either expects the header or never reads one (Postfix's
+    # smtpd_upstream_proxy_protocol).  XCLIENT works either way.
+    proxy_protocol: bool = False
     # SPF, DKIM, ARC and DMARC verdicts in an Authentication-Results field (issue 5).
     auth_checks: AuthChecks = field(default_factory=AuthChecks)
 

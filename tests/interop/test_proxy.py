@@ -69,7 +69,7 @@ HAPPY = [(220, None), (250, None), (250, "2.1.0"), (250, "2.1.5"), (354, None),
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_trusted_proxy_header_gives_the_real_client(service, version):
-    server = service([(LISTENER, mx_config())], trusted_proxies=TRUSTED)
+    server = service([(LISTENER, mx_config(proxy_protocol=True))], trusted_proxies=TRUSTED)
     header = v1("203.0.113.9") if version == "v1" else v2("203.0.113.9")
     assert await deferToThread(send_message, server.port, header) == HAPPY
     [stored] = server.messages
@@ -114,7 +114,7 @@ async def test_proxy_tls_tlv_makes_auth_available(service):
     """PROXY v2 with PP2_TYPE_SSL (PP2_CLIENT_SSL): the proxy terminated TLS, so AUTH is
     offered on a cleartext hop; without the TLV it is refused (538 5.7.11)."""
     delivery = MemoryDelivery()
-    server = service([(LISTENER, submission_config())], delivery=delivery,
+    server = service([(LISTENER, submission_config(proxy_protocol=True))], delivery=delivery,
                      portal=portal_for(delivery), trusted_proxies=TRUSTED)
     import base64
 
@@ -177,7 +177,7 @@ async def test_xclient_from_an_untrusted_network(service):
 
 @pytest_twisted.ensureDeferred
 async def test_concurrency_limit_is_per_real_client(service):
-    config = mx_config(limits=Limits(max_client_connections=1))
+    config = mx_config(proxy_protocol=True, limits=Limits(max_client_connections=1))
     server = service([(LISTENER, config)], trusted_proxies=TRUSTED)
 
     def sessions() -> list[tuple[int, str | None]]:
@@ -198,7 +198,8 @@ async def test_concurrency_limit_is_per_real_client(service):
 
 @pytest_twisted.ensureDeferred
 async def test_connection_and_message_rates(service):
-    config = mx_config(limits=Limits(max_client_connection_rate=2, max_client_message_rate=1))
+    limits = Limits(max_client_connection_rate=2, max_client_message_rate=1)
+    config = mx_config(proxy_protocol=True, limits=limits)
     server = service([(LISTENER, config)], trusted_proxies=TRUSTED)
 
     def sessions() -> list[list[tuple[int, str | None]]]:
@@ -229,7 +230,7 @@ async def test_connection_and_message_rates(service):
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
 async def test_haproxy_reports_the_client(service, tmp_path, send):
-    server = service([(LISTENER, mx_config())], trusted_proxies=TRUSTED)
+    server = service([(LISTENER, mx_config(proxy_protocol=True))], trusted_proxies=TRUSTED)
 
     def through() -> tuple[int, list[tuple[int, str | None]]]:
         with haproxy(tmp_path, server.port, send=send) as port, Client(port) as c:
@@ -252,7 +253,7 @@ async def test_haproxy_terminating_tls_with_send_proxy_v2_ssl(service, tmp_path,
     """HAProxy holds the certificate and reports TLS in the PROXY v2 SSL TLV: the
     submission listener (no certificate of its own) offers AUTH and sees the version."""
     delivery = MemoryDelivery()
-    server = service([(LISTENER, submission_config())], delivery=delivery,
+    server = service([(LISTENER, submission_config(proxy_protocol=True))], delivery=delivery,
                      portal=portal_for(delivery), trusted_proxies=TRUSTED)
 
     def through() -> tuple[object, ...]:

@@ -178,7 +178,7 @@ def test_require_tls() -> None:
 @pytest.mark.parametrize("mode", ["whole", "lines", "bytes"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_trusted_proxy_header(mode: str, version: str) -> None:
-    f = factory(mx(), trusted=TRUSTED)
+    f = factory(mx(proxy_protocol=True), trusted=TRUSTED)
     conn = connect(f, PROXY_PEER)
     header = v1("203.0.113.50") if version == "v1" else v2("203.0.113.50")
     replies = [(r.code, r.status) for r in conn.replies() + conn.send(
@@ -192,7 +192,7 @@ def test_trusted_proxy_header(mode: str, version: str) -> None:
 
 
 def test_trusted_proxy_v2_local_keeps_the_connection_address() -> None:
-    f = factory(mx(), trusted=TRUSTED)
+    f = factory(mx(proxy_protocol=True), trusted=TRUSTED)
     conn = connect(f, PROXY_PEER)
     conn.send(v2("203.0.113.50", local=True) + b"EHLO client.test\r\n" + TRANSACTION)
     [stored] = f.delivery.messages
@@ -200,7 +200,7 @@ def test_trusted_proxy_v2_local_keeps_the_connection_address() -> None:
 
 
 def test_trusted_proxy_v2_ssl_tlv_is_tls() -> None:
-    f = factory(mx(), trusted=TRUSTED)
+    f = factory(mx(proxy_protocol=True), trusted=TRUSTED)
     conn = connect(f, PROXY_PEER)
     [_, ehlo] = conn.replies() + conn.send(v2("203.0.113.50", tls=True)
                                            + b"EHLO client.test\r\n")
@@ -211,6 +211,24 @@ def test_trusted_proxy_v2_ssl_tlv_is_tls() -> None:
     assert session.tls and session.tls_version == "TLSv1.3"
     assert session.tls_cipher == "TLS_AES_128_GCM_SHA256"
     assert session.tls_client_certificate == "client.example"
+
+
+def test_trusted_peer_without_a_header_where_one_is_expected_is_closed() -> None:
+    # The PROXY spec forbids guessing: a listener that expects headers reads no commands
+    # from a trusted proxy that did not send one.
+    f = factory(mx(proxy_protocol=True), trusted=TRUSTED)
+    conn = connect(f, PROXY_PEER)
+    conn.replies()
+    assert conn.send(b"EHLO client.test\r\n" + TRANSACTION) == []
+    assert not conn.connected and f.delivery.messages == []
+
+
+def test_proxy_header_is_not_read_where_none_is_expected() -> None:
+    # Without proxy_protocol a trusted peer's PROXY line is an unknown command.
+    f = factory(mx(), trusted=TRUSTED)
+    conn = connect(f, PROXY_PEER)
+    conn.replies()
+    assert conn.codes(v1("203.0.113.9")) == [(500, None)]
 
 
 def test_trusted_peer_without_a_header_is_served_as_itself() -> None:
@@ -227,7 +245,7 @@ def test_trusted_peer_without_a_header_is_served_as_itself() -> None:
                                     b"PROXY TCP4 1.1.1.1 1.1.1.1 01 2\r\n",
                                     b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x00"])
 def test_bad_header_from_a_trusted_proxy_aborts(header: bytes) -> None:
-    conn = connect(factory(mx(), trusted=TRUSTED), PROXY_PEER)
+    conn = connect(factory(mx(proxy_protocol=True), trusted=TRUSTED), PROXY_PEER)
     conn.replies()
     assert conn.send(header + b"EHLO client.test\r\n") == []
     assert conn.transport.disconnecting or not conn.connected
@@ -353,7 +371,8 @@ def test_message_rate_per_client_address() -> None:
 
 @pytest.mark.parametrize("via", ["proxy", "xclient"])
 def test_limits_are_keyed_by_the_real_client(via: str) -> None:
-    f = factory(mx(limits=Limits(max_client_connections=1)), trusted=TRUSTED)
+    config = mx(limits=Limits(max_client_connections=1), proxy_protocol=via == "proxy")
+    f = factory(config, trusted=TRUSTED)
 
     def through_proxy(client: str) -> tuple[FakeConnection, tuple[int, str | None]]:
         conn = connect(f, PROXY_PEER)
