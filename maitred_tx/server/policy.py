@@ -92,7 +92,7 @@ def smtp_reply(replies: list[Reply]) -> Reply:
 
 
 @implementer(IMessageSink)
-class _FailedSink:
+class FailedSink:
     """Stands in when open_message failed: swallows the body, answers 451."""
 
     def __init__(self, envelope: Envelope) -> None:
@@ -149,7 +149,7 @@ class Policy:
 
         def broken(failure: Failure) -> Any:
             _log.failure("open_message() failed: the message gets 451", failure)
-            return _FailedSink(envelope)
+            return FailedSink(envelope)
 
         # A result that is no IMessageSink fails too.
         return then(self.delivery.open_message, (envelope,), opened, broken)

@@ -24,7 +24,7 @@ from maitred_tx.envelope import SessionContext
 from maitred_tx.interfaces import IDelivery
 from maitred_tx.server import authn
 from maitred_tx.server.calls import is_deferred
-from maitred_tx.server.policy import Policy, _FailedSink, new_id, smtp_reply
+from maitred_tx.server.policy import FailedSink, Policy, new_id, smtp_reply
 from maitred_tx.server.submission import FromGuard
 from maitred_tx.server.tls import tls_facts
 from maitred_tx.smtp import replies as R
@@ -466,7 +466,7 @@ class SMTPServerProtocol(Protocol):
         _log.failure("sink write() failed: the message gets 451", failure)
         if self._sink is sink:
             envelope: Any = getattr(sink, "envelope", None)
-            self._sink = _FailedSink(envelope)
+            self._sink = FailedSink(envelope)
             try:
                 sink.abort()
             except Exception:
