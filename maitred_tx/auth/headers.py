@@ -154,6 +154,21 @@ def _addresses(value: str) -> list[str]:
     return found
 
 
+def from_addresses(header_block: bytes) -> list[str]:
+    """Every address either parser finds in every From: field, lower case, each once.
+    Submission's From: ownership check uses the same union as DMARC, so a field that two
+    parsers read differently cannot pass one check with the other's address."""
+    addresses: list[str] = []
+    for field in iter_fields(header_block):
+        if field.is_named(b"From"):
+            value = unfold(field.value).decode("utf-8", "replace")
+            for address in _addresses(value):
+                address = address.strip().lower()
+                if address and address not in addresses:
+                    addresses.append(address)
+    return addresses
+
+
 def from_domains(header_block: bytes) -> list[str]:
     """The author domains (RFC 7489 3.1: the domain of the RFC5322.From address) of
     every From: field, lower case, without trailing dot, each once, in order.
@@ -164,12 +179,8 @@ def from_domains(header_block: bytes) -> list[str]:
     forbids); none means DMARC has nothing to evaluate (RFC 7489 6.6.1).
     """
     domains: list[str] = []
-    for field in iter_fields(header_block):
-        if not field.is_named(b"From"):
-            continue
-        value = unfold(field.value).decode("utf-8", "replace")
-        for address in _addresses(value):
-            domain = _domain_of(address)
-            if domain is not None and domain not in domains:
-                domains.append(domain)
+    for address in from_addresses(header_block):
+        domain = _domain_of(address)
+        if domain is not None and domain not in domains:
+            domains.append(domain)
     return domains

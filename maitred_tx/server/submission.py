@@ -4,34 +4,18 @@ reject_sender_login_mismatch and the From: check of authenticated submission).""
 
 from __future__ import annotations
 
-from email.utils import getaddresses
 from typing import Any
 
 from zope.interface import implementer
 
+from maitred_tx.auth.headers import from_addresses
 from maitred_tx.envelope import Envelope
 from maitred_tx.interfaces import IMessageSink
 from maitred_tx.outcomes import PermanentFailure
 
-__all__ = ["FromGuard", "from_addresses"]
+__all__ = ["FromGuard"]
 
 NOT_OWNED = PermanentFailure("From: address not owned by the authenticated user", 550, "5.7.1")
-
-
-def from_addresses(header_block: bytes) -> list[str]:
-    """The addresses of every From: field (RFC 5322 3.6.2), lower-cased."""
-    text = header_block.decode("utf-8", "replace").replace("\r\n", "\n")
-    fields: list[str] = []
-    collecting = False
-    for line in text.split("\n"):
-        if line[:1] in (" ", "\t"):
-            if collecting:
-                fields[-1] += line  # a folded continuation (RFC 5322 2.2.3)
-            continue
-        collecting = line[:5].lower() == "from:"
-        if collecting:
-            fields.append(line[5:])
-    return [address.lower() for _, address in getaddresses(fields) if address]
 
 
 @implementer(IMessageSink)
@@ -44,22 +28,22 @@ class FromGuard:
         self.envelope: Envelope = sink.envelope
         self._allowed = allowed
         self._max = max_header
-        self._head: list[bytes] = []
-        self._size = 0
+        self._head = bytearray()  # the header block so far, at most max_header octets
         self._complete = False
 
     def write(self, data: bytes) -> Any:
         if not self._complete:
-            self._head.append(data[: self._max + 4])
-            self._size += len(data)
-            joined = b"".join(self._head)
-            if b"\r\n\r\n" in joined or joined.startswith(b"\r\n") or self._size > self._max:
+            head = self._head
+            scan_from = max(0, len(head) - 3)  # the empty line may straddle two writes
+            head += data[: self._max + 4 - len(head)]
+            end = 0 if head.startswith(b"\r\n") else head.find(b"\r\n\r\n", scan_from)
+            if end >= 0 or len(head) >= self._max:
                 self._complete = True
-                self._head = [joined.split(b"\r\n\r\n", 1)[0][: self._max]]
+                del head[end if end >= 0 else self._max :]
         return self.sink.write(data)
 
     def close(self) -> Any:
-        senders = from_addresses(b"".join(self._head))
+        senders = from_addresses(bytes(self._head))
         if not senders or any(a not in self._allowed for a in senders):
             self.sink.abort()
             return NOT_OWNED
