@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import dkim
-from dkim.util import InvalidTagValueList, parse_tag_value
 
 from maitred_tx.auth.dkim import (
     CPURunner,
@@ -27,7 +26,7 @@ from maitred_tx.auth.dkim import (
     fetch_keys,
     format_error,
     header_fields,
-    key_name,
+    key_names,
     make_dnsfunc,
 )
 from maitred_tx.auth.resolver import Resolver
@@ -63,18 +62,10 @@ async def verify_arc(message: bytes, resolver: Resolver, run_cpu: CPURunner) -> 
     fields = [(n.lower(), v) for n, v in header_fields(message)]
     if not any(n in _ARC_HEADERS for n, _ in fields):
         return ARCResult("none", 0, None, "message is not ARC signed")
-    names = []
     signature_values = [v for n, v in fields if n in _ARC_SIGNATURES]
     # Each instance has one seal and one AMS; a longer list is broken anyway (and
     # dkimpy stops at the first bad set), so bound the lookups.
-    for value in signature_values[: 2 * _MAX_INSTANCES]:
-        try:
-            name = key_name(parse_tag_value(value))
-        except InvalidTagValueList:
-            continue
-        if name is not None:
-            names.append(name)
-    keys = await fetch_keys(names, resolver)
+    keys = await fetch_keys(key_names(signature_values[: 2 * _MAX_INSTANCES]), resolver)
     return await run_cpu(lambda: _verify_chain(message, keys))
 
 

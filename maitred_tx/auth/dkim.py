@@ -181,6 +181,20 @@ class KeyTemporary:
 KeyAnswer: TypeAlias = "bytes | KeyMissing | KeyTemporary"
 
 
+def key_names(signature_values: Iterable[bytes]) -> list[bytes]:
+    """The key record names (s._domainkey.d.) of the signatures that can be parsed;
+    DKIM-Signature, ARC-Message-Signature and ARC-Seal share the tag-list syntax."""
+    names: list[bytes] = []
+    for value in signature_values:
+        try:
+            name = key_name(parse_tag_value(value))
+        except InvalidTagValueList:
+            continue
+        if name is not None:
+            names.append(name)
+    return names
+
+
 async def fetch_keys(names: Iterable[bytes], resolver: Resolver) -> dict[bytes, KeyAnswer]:
     """Looks up every key name once.
 
@@ -274,15 +288,7 @@ async def verify_dkim(
     sig_values = [v for n, v in header_fields(message) if n.lower() == b"dkim-signature"]
     if not sig_values:
         return []
-    names: list[bytes] = []
-    for value in sig_values[:max_signatures]:
-        try:
-            name = key_name(parse_tag_value(value))
-        except InvalidTagValueList:
-            continue
-        if name is not None:
-            names.append(name)
-    keys = await fetch_keys(names, resolver)
+    keys = await fetch_keys(key_names(sig_values[:max_signatures]), resolver)
     prefixes = _b_prefixes(sig_values)
     results = await run_cpu(lambda: _verify_all(message, sig_values, keys, when, max_signatures))
     return [_with_b(r, prefixes[i]) for i, r in enumerate(results)]
