@@ -31,9 +31,7 @@ from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.commands import Helo, RcptTo
 from maitred_tx.smtp.config import Config
-from maitred_tx.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
-from maitred_tx.smtp.replies import Reply
-from maitred_tx.smtp.session import (
+from maitred_tx.smtp.events import (
     NEED_DATA,
     PAUSED,
     AuthRequested,
@@ -47,12 +45,14 @@ from maitred_tx.smtp.session import (
     MessageStarted,
     RcptReceived,
     Refused,
-    ServerSession,
     SessionInfo,
     StartTlsRequested,
     Transaction,
     XClientReceived,
 )
+from maitred_tx.smtp.proxy import ProxyError, ProxyHeader, parse_proxy_header
+from maitred_tx.smtp.replies import Reply
+from maitred_tx.smtp.session import ServerSession
 
 if TYPE_CHECKING:
     from maitred_tx.server.factory import SMTPFactory
