@@ -115,6 +115,9 @@ class Policy:
         self.delivery = IDelivery(delivery)
         self.context = context
         self.transaction_id = ""
+        # Recipient values of this transaction, built once each: an Envelope is made
+        # per RCPT, and rebuilding them all would cost O(n^2) for n recipients.
+        self._recipients: list[Recipient] = []
 
     def hello(self) -> Eventually[Reply | None]:
         return then(
@@ -126,6 +129,7 @@ class Policy:
 
     def mail(self, command: MailFrom) -> Eventually[Reply | None]:
         self.transaction_id = new_id()  # the Envelope.message_id of this transaction
+        self._recipients = []
         args = (self.context, command.sender, command.params)
         return _answer(self.delivery.mail_from, args, R.R250_SENDER_OK, "mail_from()")
 
@@ -139,9 +143,16 @@ class Policy:
             message_id=self.transaction_id,
             sender=txn.sender,
             params=txn.params,
-            recipients=tuple(Recipient(m, p) for m, p in txn.recipients),
+            recipients=self._recipients_of(txn),
             chunked=txn.chunked,
         )
+
+    def _recipients_of(self, txn: Transaction) -> tuple[Recipient, ...]:
+        known = self._recipients
+        if len(known) > len(txn.recipients):  # a new transaction without MAIL here
+            known.clear()
+        known.extend(Recipient(m, p) for m, p in txn.recipients[len(known) :])
+        return tuple(known)
 
     def open(self, envelope: Envelope) -> Eventually[Any]:
         def opened(sink: Any) -> Any:
