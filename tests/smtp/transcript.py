@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.config import Config
+from maitred_tx.smtp.events import AuthRequested, StartTlsRequested, XClientReceived
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.session import (
     NEED_DATA,
@@ -43,7 +44,7 @@ from maitred_tx.smtp.session import (
 
 Expected = tuple[int, str | None]
 Step = str | bytes | Expected
-Answer = Reply | None | Sequence[Reply]
+Answer = Reply | None | Sequence[Reply] | str  # str: the identity an AUTH logs in as
 Decider = Callable[[Event], Answer]
 
 GREETING: Expected = (220, None)
@@ -107,14 +108,30 @@ def _wire_reply(lines: list[tuple[int, str]]) -> WireReply:
 # --- deciding -------------------------------------------------------------------------
 
 
+PASSWORD = "secret"  # the one password ``accept`` takes for AUTH
+
+
 def accept(event: Event) -> Answer:
-    """Accept every EHLO, sender, recipient and message."""
+    """Accept every EHLO, sender, recipient and message, and AUTH with PASSWORD."""
+    if isinstance(event, AuthRequested):
+        creds = event.credentials
+        return creds.authcid if creds.password == PASSWORD else None
     return None
 
 
 def answer(session: ServerSession, event: Event, decide: Decider) -> None:
     """Apply *decide*'s answer to a decision event (LMTP messages get decide_each)."""
+    if isinstance(event, StartTlsRequested):
+        session.tls_started()  # the handshake itself is the glue's business
+        return
+    if isinstance(event, XClientReceived):
+        session.xclient_applied()
+        return
     reply = decide(event)
+    if isinstance(event, AuthRequested):
+        assert reply is None or isinstance(reply, str)
+        session.auth_result(reply)
+        return
     if isinstance(event, MessageComplete) and session.info.lmtp:
         if reply is None:
             reply = [R.R250_QUEUED] * len(event.transaction.recipients)
@@ -125,7 +142,15 @@ def answer(session: ServerSession, event: Event, decide: Decider) -> None:
     session.decide(reply)
 
 
-_DECISIONS = (HelloReceived, MailReceived, RcptReceived, MessageComplete)
+_DECISIONS = (
+    HelloReceived,
+    MailReceived,
+    RcptReceived,
+    MessageComplete,
+    AuthRequested,
+    StartTlsRequested,
+    XClientReceived,
+)
 
 
 # --- running --------------------------------------------------------------------------
