@@ -29,11 +29,13 @@ from encodings import idna as _idna
 from typing import Final
 
 __all__ = [
+    "PLAIN_PATH",
     "AddressError",
     "Mailbox",
     "normalize_domain",
     "parse_forward_path",
     "parse_reverse_path",
+    "plain_mailbox",
     "split_path_argument",
 ]
 
@@ -88,7 +90,9 @@ class Mailbox:
 
     def __str__(self) -> str:
         """``local@domain``, quoting the local part only when it must be (RFC 5321 4.1.2)."""
-        local = self.local_part if _is_dot_string(self.local_part) else _quote(self.local_part)
+        local = self.local_part
+        if not (_DOT_ATOM.fullmatch(local) or _is_dot_string(local)):  # the regex: a shortcut
+            local = _quote(local)
         return f"{local}@{self.domain}" if self.domain else local
 
     @property
@@ -110,10 +114,13 @@ class Mailbox:
         server that hands such a local part to a mailer that still honours them becomes
         an open relay, so policy refuses them unless told otherwise.
         """
+        local = self.local_part
         return (
             self.source_route
             or self.is_address_literal
-            or any(c in self.local_part for c in "%!@")
+            or "%" in local
+            or "!" in local
+            or "@" in local
         )
 
 
@@ -181,9 +188,12 @@ def parse_forward_path(path: str, *, smtputf8: bool) -> Mailbox:
 
 # The shape of nearly every real path: an ASCII dot-atom at an ASCII LDH domain.  It is
 # a strict subset of what the full parser accepts, so matching it is only a shortcut.
+# Groups: the local part, the domain as sent.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_PLAIN_PATH: Final = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*\.?)>")
+_DOT_ATOM: Final = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")  # an ASCII Dot-string
+PLAIN_PATH: Final = rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*\.?)>"
+_PLAIN_PATH: Final = re.compile(PLAIN_PATH)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -241,6 +251,17 @@ def _check_ldh(label: str) -> None:
         raise AddressError("invalid character in domain")
     if label.startswith("-") or label.endswith("-"):
         raise AddressError("domain label starts or ends with a hyphen")
+
+
+def plain_mailbox(local_part: str, domain: str) -> Mailbox:
+    """The Mailbox of a path that matched :data:`PLAIN_PATH` (its two groups).
+
+    For callers that matched the plain shape themselves (the command parser's fast
+    path); the result is what :func:`_parse_path` gives for the same path.
+    """
+    if len(local_part) + len(domain) + 3 > MAX_PATH_OCTETS:  # "<" "@" ">"; 4.5.3.1.3
+        raise AddressError("path too long")
+    return Mailbox(local_part, normalize_domain(domain), False, False, False)
 
 
 def _parse_path(path: str) -> Mailbox:

@@ -8,6 +8,7 @@ state table's business (``state.py``), and whether an address is acceptable is p
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,13 +16,17 @@ from typing import Final, TypeVar
 
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.address import (
+    PLAIN_PATH,
     AddressError,
     Mailbox,
     parse_forward_path,
     parse_reverse_path,
+    plain_mailbox,
     split_path_argument,
 )
 from maitred_tx.smtp.params import (
+    NO_MAIL_PARAMS,
+    NO_RCPT_PARAMS,
     MailParams,
     ParamError,
     RcptParams,
@@ -200,8 +205,58 @@ def _decode(line: bytes) -> str:
     return text
 
 
+# The lines nearly every session sends, answered without the general grammar:
+# argument-less verbs in upper case (the value is immutable, so one is shared), and
+# MAIL / RCPT with a plain path (address.PLAIN_PATH) and at most SIZE=n, matched on the
+# raw bytes.  A match is printable ASCII, so it needs no decoding or control check; the
+# result is what the full parser gives for the same line (tests/smtp/test_commands.py
+# checks both against each other), and anything else takes the full parser.
+_EXACT: Final[dict[bytes, Command]] = {}  # filled below, once the classes exist
+_FAST_PATH: Final = re.compile(
+    rb"MAIL FROM:(?:<>|" + PLAIN_PATH.encode() + rb")(?: SIZE=([0-9]{1,20}))?"
+    rb"|RCPT TO:" + PLAIN_PATH.encode(),
+    re.IGNORECASE,  # on bytes: ASCII letters only
+)
+
+
 def parse_command(line: bytes) -> Command:
     """Parse one command line, without its CRLF."""
+    command = _EXACT.get(line)
+    if command is not None:
+        return command
+    fast = _FAST_PATH.fullmatch(line)
+    if fast is not None:
+        try:
+            return _fast_path(*fast.groups())
+        except AddressError:
+            pass  # e.g. a bad IDN label: the full parser gives the reply
+    return _parse_full(line)
+
+
+def _fast_path(
+    mail_local: bytes | None,
+    mail_domain: bytes | None,
+    size: bytes | None,
+    rcpt_local: bytes | None,
+    rcpt_domain: bytes | None,
+) -> Command:
+    if rcpt_local is not None and rcpt_domain is not None:
+        return RcptTo(_plain_mailbox(rcpt_local, rcpt_domain), NO_RCPT_PARAMS)
+    sender = None
+    if mail_local is not None and mail_domain is not None:
+        sender = _plain_mailbox(mail_local, mail_domain)
+    return MailFrom(sender, NO_MAIL_PARAMS if size is None else MailParams(size=int(size)))
+
+
+# A server sees the same few recipients (its own users) and senders over and over; a
+# Mailbox is immutable, so one value per path serves every command that names it.
+@functools.lru_cache(maxsize=4096)
+def _plain_mailbox(local_part: bytes, domain: bytes) -> Mailbox:
+    return plain_mailbox(local_part.decode("ascii"), domain.decode("ascii"))
+
+
+def _parse_full(line: bytes) -> Command:
+    """parse_command without the shortcuts: the whole grammar."""
     text = _decode(line)
     verb, _, arg = text.partition(" ")
     upper = verb.upper()
@@ -341,3 +396,4 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "VRFY": _vrfy,
     "EXPN": _expn,
 }
+_EXACT.update({b"DATA": Data(), b"RSET": Rset(), b"NOOP": Noop(), b"QUIT": Quit()})

@@ -30,6 +30,8 @@ from maitred_tx.smtp.replies import (
 )
 
 __all__ = [
+    "NO_MAIL_PARAMS",
+    "NO_RCPT_PARAMS",
     "BodyType",
     "MailParams",
     "Notify",
@@ -143,8 +145,11 @@ def parse_rcpt_params(text: str) -> RcptParams:
     )
 
 
-_NO_MAIL_PARAMS: Final = MailParams()
-_NO_RCPT_PARAMS: Final = RcptParams()
+# No parameters given: the usual case.  The values are immutable, so one each is shared.
+NO_MAIL_PARAMS: Final = MailParams()
+NO_RCPT_PARAMS: Final = RcptParams()
+_NO_MAIL_PARAMS: Final = NO_MAIL_PARAMS
+_NO_RCPT_PARAMS: Final = NO_RCPT_PARAMS
 _MAIL_KEYWORDS: Final = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 _RCPT_KEYWORDS: Final = frozenset({"NOTIFY", "ORCPT"})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +30,7 @@ from maitred_tx.smtp.commands import (
     Rset,
     StartTls,
     Vrfy,
+    _parse_full,
     parse_command,
 )
 from maitred_tx.smtp.params import BodyType, MailParams, Notify, RcptParams
@@ -238,3 +241,46 @@ def test_verbs_with_arbitrary_arguments(verb: bytes, sep: bytes, arg: bytes) -> 
         assert e.fatal == (verb == b"BDAT" and e.reply == R.R501_BDAT_SYNTAX)
     else:
         assert isinstance(command, Command)
+
+
+# --- the fast path agrees with the whole grammar ----------------------------------------
+
+_LOCAL = st.text("aZ09.-_+=!%'~", min_size=1, max_size=70)
+_DOMAIN = st.one_of(
+    st.text("aZ09.-", min_size=1, max_size=80),
+    st.sampled_from(["xn--mnchen-3ya.de", "xn--bad.de", "x" * 64 + ".org", "a.b.", "-a.b"]),
+    st.builds(lambda n: ".".join(["a" * 63] * n), st.integers(1, 5)),
+)
+
+
+def _outcome(parse: Any, line: bytes) -> Any:
+    try:
+        command = parse(line)
+    except CommandError as e:
+        return ("error", e.reply, e.fatal)
+    # Mailbox._sent_utf8 is not part of equality: compare it too.
+    boxes = [getattr(command, name, None) for name in ("sender", "recipient")]
+    return ("ok", command, [b._sent_utf8 for b in boxes if isinstance(b, Mailbox)])
+
+
+@settings(max_examples=1000)
+@given(
+    st.sampled_from([b"MAIL FROM:", b"mail from:", b"RCPT TO:", b"Rcpt To:", b"MAIL FROM: "]),
+    _LOCAL,
+    _DOMAIN,
+    st.sampled_from([b"", b" SIZE=1076", b" size=0", b" SIZE=", b" SIZE=123456789012345678901",
+                     b" SIZE=12 ", b"  SIZE=12", b" BODY=8BITMIME", b" NOTIFY=NEVER"]),
+    st.booleans(),
+)
+def test_fast_path_matches_the_full_parser(
+    prefix: bytes, local: str, domain: str, params: bytes, null: bool
+) -> None:
+    path = b"<>" if null else f"<{local}@{domain}>".encode()
+    line = prefix + path + params
+    assert _outcome(parse_command, line) == _outcome(_parse_full, line)
+
+
+@pytest.mark.parametrize("line", [b"DATA", b"RSET", b"NOOP", b"QUIT"])
+def test_exact_lines_match_the_full_parser(line: bytes) -> None:
+    assert parse_command(line) == _parse_full(line)
+    assert parse_command(line.lower()) == _parse_full(line.lower())
