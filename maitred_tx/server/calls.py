@@ -14,7 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
-__all__ = ["Eventually", "is_deferred", "then"]
+__all__ = ["Eventually", "is_deferred", "settle", "then"]
 
 _T = TypeVar("_T")
 Eventually: TypeAlias = "_T | Deferred[_T]"  # a value now, or later
@@ -54,6 +54,13 @@ def then(
         result = fn(*args)
     except Exception:
         return on_failure(Failure())
+    return settle(result, on_result, on_failure)
+
+
+def settle(
+    result: Any, on_result: Callable[[Any], _T], on_failure: Callable[[Failure], _T]
+) -> Eventually[_T]:
+    """The second half of :func:`then`, for a *result* the caller already has."""
     if _may_be_later(type(result)):
         if isawaitable(result) and not isinstance(result, Deferred):
             result = ensureDeferred(_await(result))

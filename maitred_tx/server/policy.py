@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from zope.interface import implementer
 from maitred_tx.envelope import Envelope, Recipient, SessionContext
 from maitred_tx.interfaces import IDelivery, IMessageSink
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure, to_reply
-from maitred_tx.server.calls import Eventually, then
+from maitred_tx.server.calls import Eventually, settle, then
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.commands import MailFrom, RcptTo
 from maitred_tx.smtp.replies import Reply
@@ -59,7 +60,13 @@ def _failed(failure: Failure, what: str) -> Reply:
 def _answer(
     fn: Callable[..., Any], args: tuple[Any, ...], accepted: Reply, what: str
 ) -> Eventually[Reply | None]:
-    return then(fn, args, lambda r: _reply(r, accepted, what), lambda f: _failed(f, what))
+    try:
+        result = fn(*args)
+    except Exception:
+        return _failed(Failure(), what)
+    if result is None:  # the usual answer (accept, default reply): nothing to map
+        return None
+    return settle(result, lambda r: _reply(r, accepted, what), lambda f: _failed(f, what))
 
 
 def _keep_capabilities(result: Any) -> Reply | None:
@@ -91,6 +98,15 @@ def smtp_reply(replies: list[Reply]) -> Reply:
     return replies[0]
 
 
+def _as_sink(sink: Any) -> Any:
+    """``IMessageSink(sink)``: the object itself when it provides the interface (and has
+    no ``__conform__`` of its own, which adaptation would ask first), without the
+    adaptation machinery (~1.5 us per message)."""
+    if IMessageSink.providedBy(sink) and getattr(sink, "__conform__", None) is None:
+        return sink
+    return IMessageSink(sink)
+
+
 @implementer(IMessageSink)
 class FailedSink:
     """Stands in when open_message failed: swallows the body, answers 451."""
@@ -118,6 +134,7 @@ class Policy:
         # Recipient values of this transaction, built once each: an Envelope is made
         # per RCPT, and rebuilding them all would cost O(n^2) for n recipients.
         self._recipients: list[Recipient] = []
+        self._recipients_tuple: tuple[Recipient, ...] = ()  # the same, as last handed out
 
     def hello(self) -> Eventually[Reply | None]:
         return then(
@@ -130,6 +147,7 @@ class Policy:
     def mail(self, command: MailFrom) -> Eventually[Reply | None]:
         self.transaction_id = new_id()  # the Envelope.message_id of this transaction
         self._recipients = []
+        self._recipients_tuple = ()
         args = (self.context, command.sender, command.params)
         return _answer(self.delivery.mail_from, args, R.R250_SENDER_OK, "mail_from()")
 
@@ -139,24 +157,28 @@ class Policy:
 
     def envelope(self, txn: Transaction) -> Envelope:
         return Envelope(
-            session=self.context,
-            message_id=self.transaction_id,
-            sender=txn.sender,
-            params=txn.params,
-            recipients=self._recipients_of(txn),
-            chunked=txn.chunked,
+            self.context,
+            self.transaction_id,
+            txn.sender,
+            txn.params,
+            self._recipients_of(txn),
+            time.time(),  # received_at, as its default would be
+            txn.chunked,
         )
 
     def _recipients_of(self, txn: Transaction) -> tuple[Recipient, ...]:
-        known = self._recipients
-        if len(known) > len(txn.recipients):  # a new transaction without MAIL here
-            known.clear()
-        known.extend(Recipient(m, p) for m, p in txn.recipients[len(known) :])
-        return tuple(known)
+        known, accepted = self._recipients, txn.recipients
+        if len(known) != len(accepted):
+            if len(known) > len(accepted):  # a new transaction without MAIL here
+                known.clear()
+            for mailbox, params in accepted[len(known) :]:
+                known.append(Recipient(mailbox, params))
+            self._recipients_tuple = tuple(known)
+        return self._recipients_tuple
 
     def open(self, envelope: Envelope) -> Eventually[Any]:
         def opened(sink: Any) -> Any:
-            return IMessageSink(sink)
+            return _as_sink(sink)
 
         def broken(failure: Failure) -> Any:
             _log.failure("open_message() failed: the message gets 451", failure)

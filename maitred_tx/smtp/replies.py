@@ -7,8 +7,7 @@ with EHLO or LHLO (RFC 2034 section 3); the greeting and the EHLO reply never ca
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 __all__ = ["Reply"]
@@ -21,6 +20,11 @@ class Reply:
     code: int
     status: str | None
     text: tuple[str, ...]
+    # The wire forms (without, with the enhanced code), built on first use: replies are
+    # mostly catalogue constants sent over and over.  Not part of the value.
+    _wire: tuple[bytes, bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -51,7 +55,11 @@ class Reply:
 
     def encode(self, enhanced: bool = True) -> bytes:
         """Wire form, CRLF-terminated; multi-line replies use ``code-`` continuation."""
-        return _encode(self, enhanced)
+        wire = self._wire
+        if wire is None:
+            wire = (self._encode(False), self._encode(True))
+            object.__setattr__(self, "_wire", wire)  # a cache, not a change of value
+        return wire[1] if enhanced else wire[0]
 
     def _encode(self, enhanced: bool) -> bytes:
         prefix = f"{self.status} " if enhanced and self.status else ""
@@ -64,12 +72,6 @@ class Reply:
             clean = line.replace("\r", " ").replace("\n", " ")
             out.append(f"{self.code}{sep}{prefix}{clean}\r\n")
         return "".join(out).encode("utf-8", "replace")
-
-
-@functools.lru_cache(maxsize=512)
-def _encode(reply: Reply, enhanced: bool) -> bytes:
-    # The catalogue is small and replies repeat: each wire form is built once.
-    return reply._encode(enhanced)
 
 
 def _r(code: int, status: str | None, *text: str) -> Reply:

@@ -45,6 +45,11 @@ class State(enum.Enum):
     RCPT = "rcpt"  # at least one recipient accepted
     BDAT = "bdat"  # at least one BDAT chunk received (RFC 3030: DATA now illegal)
 
+    # Members are singletons compared by identity, so the identity hash is a valid one,
+    # and it is computed in C: Enum's own hashes the name in Python, for every
+    # TRANSITIONS lookup (one per command).
+    __hash__ = object.__hash__
+
 
 _ALL: Final = tuple(State)
 _TRANSACTION: Final = (State.MAIL, State.RCPT, State.BDAT)
