@@ -33,6 +33,7 @@ METRICS: dict[str, tuple[Metric, ...]] = {
     "messages": (
         Metric("msgs_per_s", "msgs/s", "{:.0f}", True, "msgs/s"),
         Metric("server_cpu_us_per_msg", "server CPU µs/msg", "{:.0f}", False, "CPU"),
+        Metric("main_cpu_us_per_msg", "of it main thread", "{:.0f}", False),
         Metric("client_cpu_us_per_msg", "client CPU µs/msg", "{:.0f}", False),
     ),
     "large": (

@@ -398,9 +398,10 @@ def _take(sample: Sample, variant: Variant, server: RunningServer, counts: Count
     if not warmup.clean:
         raise RuntimeError(f"warm-up message failed: {warmup.errors}")
     deadline = time.monotonic() + counts.deadline_s
-    cpu_before = server.cpu_seconds()
+    cpu_before, main_before = server.cpu_seconds(), server.main_thread_cpu_seconds()
     outcome = variant.run(server, counts, deadline)
     server_cpu = server.cpu_seconds() - cpu_before
+    main_cpu = server.main_thread_cpu_seconds() - main_before
     result = outcome.result
     sample.planned, sample.ok = result.planned, result.ok
     sample.failed, sample.session_errors = result.failed, result.session_errors
@@ -412,6 +413,7 @@ def _take(sample: Sample, variant: Variant, server: RunningServer, counts: Count
     if variant.kind == "messages" and result.ok:
         sample.metrics["msgs_per_s"] = result.ok / max(result.elapsed, 1e-9)
         sample.metrics["server_cpu_us_per_msg"] = server_cpu / result.ok * 1e6
+        sample.metrics["main_cpu_us_per_msg"] = main_cpu / result.ok * 1e6
         sample.metrics["client_cpu_us_per_msg"] = result.client_cpu / result.ok * 1e6
     elif variant.kind == "large" and result.payload_bytes:
         mib = result.payload_bytes / MIB

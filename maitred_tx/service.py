@@ -111,17 +111,14 @@ class SMTPService(MultiService):
 
     def _checker(self) -> Any:
         if self.checker is None:
-            from twisted.python.threadpool import ThreadPool
-
             from maitred_tx.auth.checks import AuthChecker
 
             if self.resolver is None:
                 from maitred_tx.auth.dns import TwistedResolver
 
                 self.resolver = TwistedResolver(self.reactor, self.dns_servers, self.dns_timeout)
-            pool = ThreadPool(minthreads=0, maxthreads=AUTH_THREADS, name="maitred-auth")
-            _ThreadPoolService(pool).setServiceParent(self)
-            self.checker = AuthChecker(self.reactor, self.resolver, threadpool=pool)
+            self.checker = AuthChecker(self.reactor, self.resolver, cpu_threads=AUTH_THREADS)
+            _CheckerService(self.checker).setServiceParent(self)
         return self.checker
 
     def stopService(self) -> Deferred[None] | None:
@@ -131,16 +128,16 @@ class SMTPService(MultiService):
         return super().stopService()
 
 
-class _ThreadPoolService(Service):
-    """Starts a thread pool with the service and stops it (joining its threads) after."""
+class _CheckerService(Service):
+    """Starts the checks thread with the service and stops it (joining it) after."""
 
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
+    def __init__(self, checker: Any) -> None:
+        self.checker = checker
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        self.checker.start()
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.stop()
+        self.checker.stop()

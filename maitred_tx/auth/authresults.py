@@ -262,6 +262,8 @@ def strip_forged(header_block: bytes, authserv_id: str) -> bytes:
     (case-insensitive; RFC 8601 5), continuation lines included.  Everything else,
     including anything after the header section's empty line, is kept byte for byte.
     """
+    if FIELD_NAME.lower() not in header_block.lower():  # the common case, at C speed
+        return header_block
     ours = authserv_id.encode("utf-8").lower()
     end = header_end(header_block)
     head, rest = (header_block, b"") if end is None else (header_block[:end],

@@ -198,11 +198,10 @@ def key_names(signature_values: Iterable[bytes]) -> list[bytes]:
 async def fetch_keys(names: Iterable[bytes], resolver: Resolver) -> dict[bytes, KeyAnswer]:
     """Looks up every key name once.
 
-    No asyncio.gather: the checks are driven by Twisted's ensureDeferred in production
-    (maitred_tx.auth.checks) and by asyncio in tests, so nothing here may need a loop.
-    Every lookup is asked for before the first is awaited instead, which makes them
-    concurrent with a resolver whose ``lookup()`` starts at the call (AuthChecker wraps
-    its resolver so); with plain coroutines they run one after the other.
+    Every lookup is asked for before the first is awaited, which makes them concurrent
+    with a resolver whose ``lookup()`` starts at the call (the checks thread's
+    ``offthread.BridgedResolver`` does); with plain coroutines they run one after the
+    other.  No asyncio.gather, so that any driver of coroutines can run this.
     """
     unique = list(dict.fromkeys(names))
     pending = [(name, _ask(name, resolver)) for name in unique]

@@ -70,6 +70,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()  # the bundled list; parsed once, on first use
 
 
+@functools.lru_cache(maxsize=4096)
 def registrable_domain(domain: str) -> str | None:
     """The public suffix plus one label (lower case, same IDN form as given), or None
     when ``domain`` is itself a public suffix or not a valid name (empty, empty label)."""
@@ -221,11 +222,13 @@ def _optional_tags(tags: dict[str, str], ignored: list[str]) -> DMARCRecord:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_dmarc_record(text: str) -> DMARCRecord:
     """Parse one DMARC TXT record (6.3, 6.4).  Unknown tags are ignored (6.3); invalid
     values of optional tags are ignored and listed in ``ignored``; a missing or invalid
     p= (or an invalid sp=) makes the record p=none if rua= has a valid URI, else
-    raises ``DMARCRecordError`` (6.6.3 step 6)."""
+    raises ``DMARCRecordError`` (6.6.3 step 6).  Cached: the record is immutable and
+    the same few come back message after message."""
     tags = _tags(text)
     ignored: list[str] = []
     record = _optional_tags(tags, ignored)

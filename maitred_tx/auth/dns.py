@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,30 +66,37 @@ class _Entry:
 
 
 class _Cache:
-    """At most ``size`` answers, the oldest inserted evicted first, each kept for its TTL."""
+    """At most ``size`` answers, the oldest inserted evicted first, each kept for its TTL.
+
+    Locked: the reactor thread fills it and the checks thread reads it
+    (``TwistedResolver.cached``, maitred_tx.auth.offthread)."""
 
     def __init__(self, size: int, clock: Callable[[], float]) -> None:
         self._size = size
         self._clock = clock
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: tuple[str, str]) -> _Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.expires <= self._clock():
-            del self._entries[key]
-            return None
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires <= self._clock():
+                del self._entries[key]
+                return None
+            return entry
 
     def put(self, key: tuple[str, str], records: tuple[Record, ...] | None, ttl: float) -> None:
         if ttl <= 0 or self._size <= 0:
             return
-        self._entries.pop(key, None)
-        self._entries[key] = _Entry(self._clock() + ttl, records)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        entry = _Entry(self._clock() + ttl, records)
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = entry
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 def _timeouts(timeout: float | Sequence[float]) -> tuple[float, ...]:
@@ -198,16 +206,27 @@ class TwistedResolver:
         )
         self._cache = _Cache(cache_size, clock or reactor.seconds)
 
+    def cached(self, name: str, rtype: str) -> Sequence[Record] | None:
+        """The answer held in the cache (NXDomain raised for a cached one), None when
+        there is none; no query.  Safe to call from any thread."""
+        return self._hit(name, (name.lower().rstrip("."), rtype.upper()))
+
+    def _hit(self, name: str, key: tuple[str, str]) -> Sequence[Record] | None:
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        if cached.records is None:
+            raise NXDomain(f"{name}: no such name (cached)")
+        return list(cached.records)
+
     async def lookup(self, name: str, rtype: str) -> Sequence[Record]:
         qtype = _TYPES.get(rtype.upper())
         if qtype is None:
             raise ValueError(f"unsupported record type {rtype!r}")
         key = (name.lower().rstrip("."), rtype.upper())
-        cached = self._cache.get(key)
-        if cached is not None:
-            if cached.records is None:
-                raise NXDomain(f"{name}: no such name (cached)")
-            return list(cached.records)
+        hit = self._hit(name, key)
+        if hit is not None:
+            return hit
         wire = _wire_name(name)
         if wire is None:
             raise NXDomain(f"{name!r} cannot be a DNS name")

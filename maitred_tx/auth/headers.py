@@ -24,6 +24,7 @@ __all__ = ["HeaderField", "from_domains", "header_end", "iter_fields", "split_me
 # allows WSP between the name and the colon.
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # RFC 5322 2.2.3: unfolding removes a CRLF (we also accept a bare LF) before WSP.
+_FIELD_BREAK = re.compile(rb"(?<=\n)(?=[^ \t])")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -78,23 +79,17 @@ def iter_fields(header_block: bytes) -> Iterator[HeaderField]:
     Concatenating every ``raw`` gives back ``header_block`` exactly.  A continuation
     line before any field (malformed) is yielded as a nameless field of its own.
     """
-    lines = header_block.splitlines(keepends=True)
-    i = 0
-    while i < len(lines):
-        j = i + 1
-        # A line starting with WSP continues the field (RFC 5322 2.2.3); bytes.splitlines
-        # also breaks at a lone CR, which is no line end in a message: glue it back.
-        while j < len(lines) and (
-            lines[j][:1] in (b" ", b"\t") or not lines[j - 1].endswith(b"\n")
-        ):
-            j += 1
-        raw = b"".join(lines[i:j])
+    # A field ends at a line feed that the next line does not continue (RFC 5322 2.2.3:
+    # a continuation starts with WSP).  A lone CR ends no line in a message; splitting
+    # at the line feeds alone keeps it inside its field.
+    for raw in _FIELD_BREAK.split(header_block):
+        if not raw:
+            continue
         match = _FIELD_NAME.match(raw)
         if match is None:
             yield HeaderField(None, raw, raw)
         else:
             yield HeaderField(match.group(1), raw, raw[match.end() :])
-        i = j
 
 
 def unfold(value: bytes) -> bytes:

@@ -8,7 +8,7 @@ imports Twisted.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -58,7 +58,7 @@ class Resolver(Protocol):
     compared case-insensitively.
     """
 
-    async def lookup(self, name: str, rtype: str) -> Sequence[Record]: ...
+    def lookup(self, name: str, rtype: str) -> Awaitable[Sequence[Record]]: ...
 
 
 class ZoneResolver:

@@ -10,6 +10,7 @@ Behaviour is checked against the OpenSPF RFC 7208 test suite (tests/auth/test_sp
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 import time
@@ -20,7 +21,7 @@ from urllib.parse import quote
 
 from maitred_tx.auth.resolver import MX, NXDomain, Record, Resolver, TemporaryDNSError
 
-__all__ = ["SPFResult", "SPFVerdict", "check", "check_host"]
+__all__ = ["SPFResult", "SPFVerdict", "check", "check_host", "client_address"]
 
 IP: TypeAlias = "ipaddress.IPv4Address | ipaddress.IPv6Address"
 Identity: TypeAlias = Literal["mailfrom", "helo"]
@@ -196,8 +197,13 @@ def _network(
         raise _PermError(f"bad {name} network {text!r}/{cidr}") from None
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_record(text: str) -> _Record:
-    """Parse a selected "v=spf1" record (4.6); any syntax error anywhere is a permerror."""
+    """Parse a selected "v=spf1" record (4.6); any syntax error anywhere is a permerror.
+
+    Cached (a record's text is its own key, a parse is immutable): the same few records
+    come back message after message, and a parse with its networks costs more than the
+    rest of an evaluation.  A permerror is not cached; it is rare."""
     if any(not ("\x20" <= ch <= "\x7e") for ch in text):  # 3.1: 7-bit ASCII only
         raise _PermError("non-ASCII or control character in record")
     directives: list[_Directive] = []
@@ -473,6 +479,16 @@ class _Evaluation:
             return None
 
 
+@functools.lru_cache(maxsize=4096)
+def client_address(ip: str) -> IP:
+    """The client address, IPv4-mapped IPv6 as IPv4 (5, 5.6); cached because the
+    ipaddress module's parsing is slow and clients come back."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 async def check_host(
     resolver: Resolver,
     ip: str,
@@ -488,9 +504,7 @@ async def check_host(
     in DNS; ``ip`` must be an address (ValueError otherwise).  IPv4-mapped IPv6 addresses
     are evaluated as IPv4 (5, 5.6).  ``receiver`` is %{r}, ``now`` is %{t} (default: the
     wall clock); ``identity`` only labels the verdict."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = client_address(ip)
     if "@" not in sender:
         sender = f"postmaster@{domain}"
     elif sender.startswith("@"):  # 4.3: no local-part: "postmaster"

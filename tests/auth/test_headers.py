@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -94,3 +96,27 @@ def test_several_from_fields_and_no_from_field() -> None:
 def test_from_domains_never_raises(value: bytes) -> None:
     for domain in from_domains(b"From: " + value.replace(b"\n", b"\n ") + b"\r\n"):
         assert domain == domain.lower() and domain and not domain.endswith(".")
+
+
+def _fields_by_lines(header_block: bytes) -> list[tuple[bytes | None, bytes]]:
+    """The line-by-line reading iter_fields replaced (a field runs until a line that
+    starts with no WSP after a line feed; a lone CR glues), kept as the reference."""
+    lines = header_block.splitlines(keepends=True)
+    out, i = [], 0
+    while i < len(lines):
+        j = i + 1
+        while j < len(lines) and (lines[j][:1] in (b" ", b"\t")
+                                  or not lines[j - 1].endswith(b"\n")):
+            j += 1
+        raw = b"".join(lines[i:j])
+        m = re.match(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:", raw)
+        out.append((m.group(1) if m else None, raw))
+        i = j
+    return out
+
+
+@given(st.lists(st.sampled_from([b"From: a", b"X:", b" c", b"\t", b"\r", b"\n", b"\r\n",
+                                 b"junk", b"a\rb", b":"]), max_size=20))
+def test_iter_fields_agrees_with_the_line_by_line_reading(parts: list[bytes]) -> None:
+    block = b"".join(parts)
+    assert [(f.name, f.raw) for f in iter_fields(block)] == _fields_by_lines(block)

@@ -16,12 +16,13 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dkim
 import pytest
@@ -142,9 +143,12 @@ def server(dns_port: int, tmp_path: Path) -> Iterator[Any]:
     """``server(auth=AuthChecks(...), maildir=False, mode=...)`` on 127.0.0.1:0."""
     listeners = []
 
-    def start(auth: AuthChecks | None = None, maildir: bool = False, **config: Any) -> Running:
-        resolver = TwistedResolver(reactor, [(LOCALHOST, dns_port)], timeout=2.0)
+    def start(auth: AuthChecks | None = None, maildir: bool = False,
+              resolver_class: type[TwistedResolver] = TwistedResolver,
+              **config: Any) -> Running:
+        resolver = resolver_class(reactor, [(LOCALHOST, dns_port)], timeout=2.0)
         checker = AuthChecker(reactor, resolver)
+        checkers.append(checker)
         delivery = MaildirDelivery(str(tmp_path / "Maildir"), reactor) if maildir else (
             MemoryDelivery())
         cfg = Config(hostname="mx.test", auth_checks=auth or AuthChecks(), **config)
@@ -153,10 +157,13 @@ def server(dns_port: int, tmp_path: Path) -> Iterator[Any]:
         listeners.append((factory, listener))
         return Running(listener.getHost().port, factory, delivery)
 
+    checkers: list[AuthChecker] = []
     yield start
     for factory, listener in listeners:
         factory.shutdown()
         pytest_twisted.blockon(listener.stopListening())
+    for checker in checkers:
+        checker.stop()
 
 
 def message(author: str, body: bytes = b"Hello.\r\n", extra: bytes = b"") -> bytes:
@@ -454,10 +461,50 @@ def test_twistd_options_reach_the_config():
         Options().parseOptions(["--auth-temperror", "maybe"])
 
 
-def test_service_builds_one_checker_and_its_thread_pool(dns_port):
+@pytest_twisted.ensureDeferred
+async def test_service_builds_one_checker_and_runs_its_thread_with_the_service(dns_port):
     cfg = Config(hostname="mx.test")
     service = SMTPService(reactor, cfg, MemoryDelivery(), [f"tcp:{free_port()}"],
                           dns_servers=[(LOCALHOST, dns_port)])
     service.listen(f"tcp:{free_port()}", replace(cfg, mode=Mode.LMTP))
     mx, lmtp = service.factories
     assert mx.checker is not None and mx.checker is service.checker and lmtp.checker is None
+    assert not mx.checker.thread.running
+    service.startService()
+    try:
+        assert mx.checker.thread.running
+        assert "maitred-auth" in {t.name for t in threading.enumerate()}
+    finally:
+        await service.stopService()
+    assert not mx.checker.thread.running
+    assert "maitred-auth" not in {t.name for t in threading.enumerate()}
+
+
+class ThreadRecordingResolver(TwistedResolver):
+    """Notes which thread reads its cache and which sends its queries."""
+
+    cached_on: ClassVar[set[str]] = set()
+    lookup_on: ClassVar[set[str]] = set()
+
+    def cached(self, name: str, rtype: str) -> Any:
+        self.cached_on.add(threading.current_thread().name)
+        return super().cached(name, rtype)
+
+    async def lookup(self, name: str, rtype: str) -> Any:
+        self.lookup_on.add(threading.current_thread().name)
+        return await super().lookup(name, rtype)
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_run_off_the_reactor_thread_and_dns_is_asked_on_it(server):
+    """Issue 5: the reactor thread only hands the message over and takes the verdict
+    back; the evaluation reads the DNS cache from the checks thread, and only a miss
+    sends a query, from the reactor thread (twisted.names)."""
+    srv = server(resolver_class=ThreadRecordingResolver)
+    for _ in range(2):  # the second message is answered from the cache
+        assert (await deliver(srv, "alice@pass.test", message("alice@pass.test")))[0] == 250
+    assert ThreadRecordingResolver.cached_on == {"maitred-auth"}
+    assert ThreadRecordingResolver.lookup_on == {threading.main_thread().name}
+    stored = srv.delivery.messages[-1]
+    assert stored.envelope.auth is not None
+    assert stored.envelope.auth.dmarc.result == "pass"
