@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogEvent, capturedLogs, formatEvent
+from twisted.logger import LogEvent, Logger, capturedLogs, formatEvent
 from zope.interface import implementer
 
 from maitred_tx.delivery.base import Delivery, MessageSink
@@ -776,6 +776,24 @@ def test_one_log_event_per_transaction_and_per_session_without_body() -> None:
     for event in events:
         assert MARKER.decode() not in formatEvent(event)
         assert MARKER.decode() not in repr(event)
+
+
+def test_message_event_is_a_regular_info_event_with_its_text() -> None:
+    """The per-message event is emitted without Logger.info: it must look the same."""
+    delivery = Recording()
+    with capturedLogs() as events:
+        wire = greeted(delivery)
+        wire.send(MESSAGE)
+        Logger(namespace="maitred_tx.server.protocol").info("reference")
+    [event] = _messages(list(events))
+    [reference] = [e for e in events if e.get("log_format") == "reference"]
+    assert {k for k in event if k.startswith("log_")} == {
+        k for k in reference if k.startswith("log_")}
+    for key in ("log_level", "log_namespace", "log_source"):
+        assert event[key] == reference[key]
+    assert formatEvent(event) == (
+        f"192.0.2.7 message {event['message_id']} from <alice@sender.test> to "
+        "['bob@example.org', 'carol@example.org']: 250 2.0.0")
 
 
 def test_no_body_bytes_in_logs_when_things_fail() -> None:
