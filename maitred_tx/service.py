@@ -16,6 +16,7 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maitred_tx.auth.resolver import Resolver
 from maitred_tx.server.factory import SMTPFactory
@@ -105,7 +106,14 @@ class SMTPService(MultiService):
             limiter=self.limiter,
             checker=self._checker() if config.checks_messages else None,
         )
-        strports.service(description, factory, reactor=self.reactor).setServiceParent(self)
+        served: Any = factory
+        plain = implicit_tls_as_tcp(description) if self.tls is not None else None
+        if plain is not None:
+            # Implicit TLS with our own context: TLS 1.2 at least, and a client
+            # certificate asked for (Twisted's ssl: parser builds a context that never
+            # asks), so deliveries see the same facts as after STARTTLS.
+            description, served = plain, TLSMemoryBIOFactory(self.tls, False, factory)
+        strports.service(description, served, reactor=self.reactor).setServiceParent(self)
         self.factories.append(factory)
         return factory
 
@@ -126,6 +134,37 @@ class SMTPService(MultiService):
         for factory in self.factories:
             factory.shutdown()
         return super().stopService()
+
+
+# Arguments of Twisted's ssl: server endpoint that only configure its own TLS context.
+_SSL_ONLY_ARGS = frozenset(
+    {"privatekey", "certkey", "extracertchain", "sslmethod", "method", "dhparameters"}
+)
+
+
+def implicit_tls_as_tcp(description: str) -> str | None:
+    """``ssl:PORT:...`` as the ``tcp:`` description of the same port and interface, its
+    TLS-only arguments (privateKey=, certKey=, ...) dropped; None for anything else.
+    Arguments are split at unescaped colons, as Twisted's endpoint strings are."""
+    parts, current, i = [], "", 0
+    while i < len(description):
+        char = description[i]
+        if char == "\\" and i + 1 < len(description):
+            current += description[i : i + 2]
+            i += 2
+            continue
+        if char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+        i += 1
+    parts.append(current)
+    if parts[0] != "ssl":
+        return None
+    kept = [p for p in parts[1:] if p.partition("=")[0].lower() not in _SSL_ONLY_ARGS
+            or "=" not in p]
+    return ":".join(["tcp", *kept])
 
 
 class _CheckerService(Service):

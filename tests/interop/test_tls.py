@@ -16,6 +16,7 @@ from security_support import client_context, make_certificate, mx_config
 from twisted.internet.threads import deferToThread
 
 from maitred_tx.server.tls import server_context
+from maitred_tx.service import implicit_tls_as_tcp
 
 MESSAGE = b"From: a@b.org\r\nTo: user@example.com\r\nSubject: tls\r\n\r\nOver TLS.\r\n"
 
@@ -181,6 +182,39 @@ async def test_implicit_tls_with_smtp_ssl(service, certs):
     [stored] = server.messages
     session = stored.envelope.session
     assert session.tls and session.tls_version == version and session.tls_cipher
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_uses_our_context_and_sees_the_client_certificate(
+        service, certs, tmp_path):
+    """With --tls-cert, an ssl: listener needs no privateKey=/certKey= of its own and
+    asks for a client certificate, as STARTTLS does."""
+    client_cert = make_certificate(tmp_path, "client", cn="client.example")
+    server = service([("ssl:{port}:interface=127.0.0.1", mx_config())],
+                     tls=server_context(certs.cert, certs.key))
+
+    def send() -> None:
+        context = client_context(ca=certs.cert, client=client_cert)
+        with smtplib.SMTP_SSL(LOCALHOST, server.port, local_hostname="client.test",
+                              timeout=10, context=context) as s:
+            assert s.ehlo()[0] == 250 and not s.has_extn("starttls")
+            s.sendmail("a@b.org", ["user@example.com"], MESSAGE)
+
+    await deferToThread(send)
+    [stored] = server.messages
+    session = stored.envelope.session
+    # Twisted's own ssl: context never asks for one: seeing it proves ours served.
+    assert session.tls and session.tls_client_certificate == "CN=client.example"
+
+
+def test_ssl_descriptions_become_tcp_for_our_context():
+    assert implicit_tls_as_tcp(
+        "ssl:465:interface=127.0.0.1:privateKey=/k\\:x.pem:certKey=/c.pem"
+    ) == "tcp:465:interface=127.0.0.1"
+    assert implicit_tls_as_tcp("ssl:port=465:interface=\\:\\:1:backlog=9") == (
+        "tcp:port=465:interface=\\:\\:1:backlog=9")
+    assert implicit_tls_as_tcp("tcp:25") is None
+    assert implicit_tls_as_tcp("unix:/run/x.sock") is None
 
 
 @pytest_twisted.ensureDeferred
