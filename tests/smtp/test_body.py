@@ -412,3 +412,40 @@ def test_bdat_receiver_any_chunking(data: st.DataObject, chunk: bytes, after: by
     assert b"".join(got) == chunk
     assert b"".join(rest) == after
     assert receiver.done
+
+
+class _Sequential(ContentChecker):
+    """The checker as it was: the bare line ending and line length checks one after
+    the other, two passes each; the reference for the one-split version."""
+
+    def _check_lines_and_bare(self, data: bytes) -> None:
+        self._check_bare(data)
+        if self.error is None:
+            self._check_line_length(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.lists(st.sampled_from(
+    [b"a" * 400, b"b" * 599, b"c", b"\r", b"\n", b"\r\n", b"\0", b".", b"\r\n\r\n"]),
+    max_size=14))
+def test_one_split_agrees_with_the_two_checks(data: st.DataObject, parts: list[bytes]) -> None:
+    content = b"".join(parts)
+    limits = Limits(max_header_block=10**7)
+    chunks = data.draw(chunkings(content))
+    one = ContentChecker(limits, REJECT)
+    two = _Sequential(limits, REJECT)
+    for chunk in chunks:
+        assert one.feed(chunk) == two.feed(chunk)
+    assert one.finish() == two.finish()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.lists(st.integers(0, 1200), min_size=1, max_size=8), st.booleans())
+def test_line_length_model_with_bare_checks_on(
+    data: st.DataObject, lengths: list[int], terminated: bool
+) -> None:
+    content = b"\r\n".join(b"w" * n for n in lengths) + (b"\r\n" if terminated else b"")
+    limits = Limits(max_header_block=10**7)
+    sizes = [n + 1 for n in lengths[:-1]] + [lengths[-1] + terminated]
+    expected = TOO_LONG if max(sizes) > 999 else None
+    assert check(data.draw(chunkings(content)), limits, REJECT) == expected
