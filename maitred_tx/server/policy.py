@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from maitred_tx.delivery.base import Delivery
 from maitred_tx.envelope import Envelope, Recipient, SessionContext
 from maitred_tx.interfaces import IDelivery, IMessageSink
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure, to_reply
@@ -98,6 +99,22 @@ def smtp_reply(replies: list[Reply]) -> Reply:
     return replies[0]
 
 
+_DEFAULT_HOOKS: dict[tuple[type, str], bool] = {}
+
+
+def _default_hook(delivery: Any, name: str) -> bool:
+    """True when *delivery*'s hook *name* is the base Delivery's, which accepts: calling
+    it, and building its arguments, would change nothing.  Asked once per class."""
+    if name in getattr(delivery, "__dict__", ()):  # replaced on the instance
+        return False
+    key = (type(delivery), name)
+    default = _DEFAULT_HOOKS.get(key)
+    if default is None:
+        default = getattr(type(delivery), name, None) is getattr(Delivery, name)
+        _DEFAULT_HOOKS[key] = default
+    return default
+
+
 def _as_sink(sink: Any) -> Any:
     """``IMessageSink(sink)``: the object itself when it provides the interface (and has
     no ``__conform__`` of its own, which adaptation would ask first), without the
@@ -152,6 +169,8 @@ class Policy:
         return _answer(self.delivery.mail_from, args, R.R250_SENDER_OK, "mail_from()")
 
     def rcpt(self, command: RcptTo, txn: Transaction) -> Eventually[Reply | None]:
+        if _default_hook(self.delivery, "rcpt_to"):
+            return None  # what it answers, without building an Envelope for it
         args = (self.context, self.envelope(txn), command.recipient, command.params)
         return _answer(self.delivery.rcpt_to, args, R.R250_RCPT_OK, "rcpt_to()")
 

@@ -294,13 +294,15 @@ class SMTPServerProtocol(Protocol):
                 event = session.next_event()
                 if event is NEED_DATA or event is PAUSED:
                     break
-                assert isinstance(event, Event)
-                if isinstance(event, CloseConnection):
+                kind = type(event)
+                if kind is CloseConnection:
                     self._flush()
                     if self.transport is not None:
                         self.transport.loseConnection()
                     return
-                self._handle(event)
+                handler = _ON_EVENT.get(kind)  # an event without an entry is ignored
+                if handler is not None:
+                    handler(self, event)
         finally:
             self._driving = False
         self._flush()
@@ -343,11 +345,6 @@ class SMTPServerProtocol(Protocol):
         _log.failure("internal error: closing the connection", failure)
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def _handle(self, event: Event) -> None:
-        handler = _ON_EVENT.get(type(event))  # an event without an entry is ignored
-        if handler is not None:
-            handler(self, event)
 
     def _on_data(self, event: MessageData) -> None:
         sink = self._sink
@@ -607,7 +604,7 @@ def _emit_info(format: str, **fields: object) -> None:
 
 
 # Which method handles which event: one dictionary lookup per event.
-_ON_EVENT: dict[type[Event], Callable[[SMTPServerProtocol, Any], None]] = {
+_ON_EVENT: dict[type, Callable[[SMTPServerProtocol, Any], None]] = {
     MessageData: SMTPServerProtocol._on_data,
     HelloReceived: SMTPServerProtocol._on_hello,
     MailReceived: SMTPServerProtocol._on_mail,

@@ -87,13 +87,21 @@ class Mailbox:
     # all-ASCII path needs no SMTPUTF8 (RFC 6531 3.5).  Not part of equality: it says
     # how the address travelled, not which mailbox it is.
     _sent_utf8: bool = field(default=False, compare=False, repr=False)
+    # str(self), built on first use: it is asked for in every message's log event, and
+    # a Mailbox of a plain path is shared by the commands that name it.  Not a field of
+    # the value.
+    _text: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def __str__(self) -> str:
         """``local@domain``, quoting the local part only when it must be (RFC 5321 4.1.2)."""
-        local = self.local_part
-        if not (_DOT_ATOM.fullmatch(local) or _is_dot_string(local)):  # the regex: a shortcut
-            local = _quote(local)
-        return f"{local}@{self.domain}" if self.domain else local
+        text = self._text
+        if text is None:
+            local = self.local_part
+            if not (_DOT_ATOM.fullmatch(local) or _is_dot_string(local)):  # regex: shortcut
+                local = _quote(local)
+            text = f"{local}@{self.domain}" if self.domain else local
+            object.__setattr__(self, "_text", text)  # a cache, not a change of value
+        return text
 
     @property
     def is_utf8(self) -> bool:

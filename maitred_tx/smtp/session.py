@@ -186,13 +186,10 @@ class ServerSession:
         self._pending = None
         if self._closing:
             return
-        if isinstance(command, (Ehlo, Helo, Lhlo)):
-            self._decided_hello(command, reply)
-        elif isinstance(command, MailFrom):
-            self._decided_mail(command, reply)
-        elif isinstance(command, RcptTo):
-            self._decided_rcpt(command, reply)
-        else:
+        decided = _DECIDED.get(type(command))
+        if decided is not None:
+            decided(self, command, reply)
+        else:  # DATA or BDAT
             self._decided_message([reply or R.R250_QUEUED])
 
     def decide_each(self, replies: Sequence[Reply]) -> None:
@@ -248,18 +245,15 @@ class ServerSession:
         elif nl == pos or buf[nl - 1] != 13:  # RFC 5321 2.3.8: lines end with CRLF
             self._error(R.R500_BARE_LF)
         else:
-            self._dispatch_line(buf[pos : nl - 1])
+            try:
+                command = parse_command(buf[pos : nl - 1])
+            except CommandError as e:
+                self._error(e.reply)
+                if e.fatal:
+                    self._closing = True
+            else:
+                self._dispatch(command)
         return True
-
-    def _dispatch_line(self, line: bytes) -> None:
-        try:
-            command = parse_command(line)
-        except CommandError as e:
-            self._error(e.reply)
-            if e.fatal:
-                self._closing = True
-            return
-        self._dispatch(command)
 
     def _dispatch(self, command: Command) -> None:
         lmtp = self.info.lmtp
@@ -665,6 +659,15 @@ class ServerSession:
         self._closing = True
         self._in, self._pos = b"", 0
 
+
+# What decide() applies, by the pending command's type; the rest are messages.
+_DECIDED: Final[dict[type[Command], Callable[[ServerSession, Any, Reply | None], None]]] = {
+    Ehlo: ServerSession._decided_hello,
+    Helo: ServerSession._decided_hello,
+    Lhlo: ServerSession._decided_hello,
+    MailFrom: ServerSession._decided_mail,
+    RcptTo: ServerSession._decided_rcpt,
+}
 
 _HANDLERS: Final[dict[type[Command], Callable[[ServerSession, Any], None]]] = {
     Ehlo: ServerSession._on_hello,
