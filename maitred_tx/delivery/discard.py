@@ -9,6 +9,10 @@ from maitred_tx.outcomes import Accepted, Outcome
 __all__ = ["DiscardDelivery"]
 
 
+# Every message gets the same answer; an outcome is immutable, so one is shared.
+_DISCARDED = Accepted("OK: discarded")
+
+
 class _CountingSink(MessageSink):
     def __init__(self, envelope: Envelope, owner: DiscardDelivery) -> None:
         super().__init__(envelope)
@@ -21,7 +25,7 @@ class _CountingSink(MessageSink):
     def close(self) -> Outcome:
         self._owner.messages += 1
         self._owner.octets += self._size
-        return Accepted("OK: discarded")
+        return _DISCARDED
 
 
 class DiscardDelivery(Delivery):
