@@ -203,6 +203,7 @@ class CheckingSink:
             max_size=SPOOL_MEMORY, dir=checker.spool_dir
         )
         self._size = 0
+        self.auth: AuthResults | None = None  # the verdicts, once known
 
     def write(self, data: bytes) -> None:
         self._spool.write(data)
@@ -234,7 +235,7 @@ class CheckingSink:
                 message_id=self.envelope.message_id, error=verdict.error,
             )
         else:
-            self._log(results, verdict.refusal)
+            self.auth = results  # the glue logs it with the message's outcome
             if verdict.refusal is not None:
                 return _outcome(verdict.refusal)
         sink = self._open(replace(self.envelope, auth=results))
@@ -283,15 +284,3 @@ class CheckingSink:
                     await self._checker.pause()
                     unpaused = 0
             chunk = spool.read(_REPLAY_CHUNK)
-
-    def _log(self, results: AuthResults, reply: Reply | None) -> None:
-        session = self.envelope.session
-        _log.info(
-            "{peer} message {message_id} auth: {verdicts}{action}",
-            peer=session.peer_host,
-            session_id=session.session_id,
-            message_id=self.envelope.message_id,
-            verdicts=results.summary(),
-            action="" if reply is None else f" -> {reply.code} {reply.status}",
-            dmarc_domain=results.dmarc.from_domain,
-        )

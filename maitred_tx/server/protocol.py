@@ -413,7 +413,7 @@ class SMTPServerProtocol(Protocol):
         count = len(event.transaction.recipients)
         sink, self._sink = self._sink, None
         size = event.transaction.size
-        self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size))
+        self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size, sink))
 
     def _on_refused(self, event: Refused) -> None:
         policy = self.policy
@@ -538,7 +538,7 @@ class SMTPServerProtocol(Protocol):
             self._admit(x.addr)
         session.xclient_applied()
 
-    def _delivered(self, replies: list[Reply], size: int) -> None:
+    def _delivered(self, replies: list[Reply], size: int, sink: Any = None) -> None:
         session = self.session
         assert session is not None
         self.messages += 1
@@ -548,9 +548,12 @@ class SMTPServerProtocol(Protocol):
         else:
             reply = smtp_reply(replies)
             session.decide(reply)
-        self._log_message(reply, size)
+        # The checks' verdicts (maitred_tx.auth.checks.CheckingSink) join this event:
+        # one log line per message, not two.
+        auth = getattr(sink, "auth", None)
+        self._log_message(reply, size, None if auth is None else auth.summary())
 
-    def _log_message(self, reply: Reply | None, size: int) -> None:
+    def _log_message(self, reply: Reply | None, size: int, auth: str | None = None) -> None:
         policy = self.policy
         assert policy is not None
         txn, self._txn = self._txn, None
@@ -565,7 +568,7 @@ class SMTPServerProtocol(Protocol):
             "{summary()}",
             summary=partial(
                 _message_summary, context.peer_host, self._message_id, sender, recipients,
-                code, status,
+                code, status, auth,
             ),
             peer=context.peer_host,
             session_id=context.session_id,
@@ -575,15 +578,18 @@ class SMTPServerProtocol(Protocol):
             size=size,
             code=code,
             status=status,
+            auth=auth,
             duration=time.monotonic() - self._message_started,
         )
 
 
 def _message_summary(
-    peer: str, message_id: str, sender: str, recipients: list[str], code: int, status: object
+    peer: str, message_id: str, sender: str, recipients: list[str], code: int, status: object,
+    auth: str | None = None,
 ) -> str:
-    """The text of the per-message log event."""
-    return f"{peer} message {message_id} from <{sender}> to {recipients}: {code} {status}"
+    """The text of the per-message log event; the checks' verdicts last, when made."""
+    text = f"{peer} message {message_id} from <{sender}> to {recipients}: {code} {status}"
+    return text if auth is None else f"{text} ({auth})"
 
 
 def _emit_info(format: str, **fields: object) -> None:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from maitred_interop import Client, free_port, message_files, split_trace, twistd_maitred
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import capturedLogs, formatEvent
 
 from maitred_tx.auth.checks import AuthChecker, AuthResults
 from maitred_tx.auth.dns import TwistedResolver
@@ -508,3 +509,19 @@ async def test_checks_run_off_the_reactor_thread_and_dns_is_asked_on_it(server):
     stored = srv.delivery.messages[-1]
     assert stored.envelope.auth is not None
     assert stored.envelope.auth.dmarc.result == "pass"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_verdicts_join_the_message_log_event(server):
+    """One log event per message: the outcome and, with checks on, the verdicts."""
+    srv = server(auth=AuthChecks(dmarc_reject=True))
+    with capturedLogs() as events:
+        assert (await deliver(srv, "alice@pass.test", message("alice@pass.test")))[0] == 250
+        assert (await deliver(srv, "alice@fail.test", message("alice@fail.test")))[0] == 550
+    mine = [e for e in events if "message_id" in e]
+    assert [e["auth"] for e in mine] == [
+        "spf=pass dkim=none arc=none dmarc=pass",
+        "spf=fail dkim=none arc=none dmarc=fail",
+    ]
+    assert formatEvent(mine[0]).endswith(": 250 2.0.0 (spf=pass dkim=none arc=none dmarc=pass)")
+    assert formatEvent(mine[1]).endswith(": 550 5.7.1 (spf=fail dkim=none arc=none dmarc=fail)")
