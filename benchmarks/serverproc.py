@@ -31,7 +31,10 @@ SERVERS_DIR = BENCH_DIR / "servers"
 MAX_SIZE = 64 * 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Run twistd from this very interpreter so that the PID we watch is the server itself.
-TWISTD_BOOT = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+TWISTD_BOOT = (
+    f"import sys; sys.path.insert(0, {str(SERVERS_DIR)!r}); sys.argv[0] = 'twistd'; "
+    "from twisted.scripts.twistd import run; run()"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,14 @@ SERVERS: dict[str, ServerSpec] = {
             prints_ready=False,
             is_maitred=True,
             maildir=True,
+        ),
+        ServerSpec(
+            "maitred-hop",
+            "maitred_tx, checks off, every message answered from a thread-pool thread "
+            "(servers/hop_delivery.py): the yardstick for the checks' reactor-thread cost",
+            _maitred("--delivery", "python:hop_delivery.HopDelivery", NO_CHECKS),
+            prints_ready=False,
+            is_maitred=True,
         ),
         ServerSpec(
             "maitred-auth",

@@ -5,8 +5,8 @@ The checks themselves (SPF, DKIM, ARC, DMARC, the Authentication-Results field) 
 pure coroutines in ``maitred_tx.auth.verdicts``; they run on the checks thread
 (``maitred_tx.auth.offthread``), never on the reactor.  How one message goes:
 
-1. The body streams into a ``CheckingSink``: a ``SpooledTemporaryFile`` that keeps
-   ``SPOOL_MEMORY`` octets in memory and the rest on disk, so a 50 MB message costs the
+1. The body streams into a ``CheckingSink``: a ``Spool`` that keeps ``SPOOL_MEMORY``
+   octets in memory and the rest on disk, so a 50 MB message costs the
    same memory as a 1 MB one.  The delivery's sink is not opened yet.
 2. At the end of the body the spool is handed to the checks thread (the one hand-over
    per message), which reads the header block and, concurrently, checks SPF for the
@@ -94,6 +94,54 @@ async def _settled(value: Any) -> Any:
     return value
 
 
+class Spool:
+    """A message being received: its pieces in memory up to ``SPOOL_MEMORY`` octets,
+    then all of it in an anonymous temporary file.  Cheaper per write than a
+    SpooledTemporaryFile (a list append), and read by offset, so the checks thread
+    and the replay share no file position."""
+
+    __slots__ = ("_dir", "_file", "_pieces", "size")
+
+    def __init__(self, directory: str | None = None) -> None:
+        self._dir = directory
+        self._pieces: list[bytes] = []
+        self._file: Any = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._pieces.append(data)
+        if self.size > SPOOL_MEMORY:  # too big for memory: to disk, from now on
+            self._file = tempfile.TemporaryFile(dir=self._dir)  # noqa: SIM115 (close())
+            self._file.writelines(self._pieces)
+            self._pieces = []
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
+    def read(self, offset: int = 0, size: int = -1) -> bytes:
+        """``size`` octets (all with -1) from ``offset`` on."""
+        if self._file is None:
+            if len(self._pieces) > 1:
+                self._pieces = [b"".join(self._pieces)]
+            whole = self._pieces[0] if self._pieces else b""
+            if offset == 0 and (size < 0 or size >= len(whole)):
+                return whole
+            return whole[offset : None if size < 0 else offset + size]
+        self._file.seek(offset)
+        data: bytes = self._file.read(size)
+        return data
+
+    def close(self) -> None:
+        self._pieces = []
+        if self._file is not None:
+            self._file.close()
+
+
 class AuthChecker:
     """Runs the checks of every message of the listeners it is given to.
 
@@ -148,16 +196,13 @@ class AuthChecker:
                        mail_from: str | None, settings: AuthChecks, authserv_id: str,
                        max_header: int) -> Verdict:
         """On the checks thread, which owns the spool until the verdict is back."""
-        spool.seek(0)
-        first: bytes = spool.read(max_header + 4)
+        first = spool.read(0, max_header + 4)
 
         def read_all() -> bytes:
-            spool.seek(0)
-            data: bytes = spool.read()
-            return data
+            return spool.read()
 
         async def read() -> bytes:
-            if size <= SPOOL_MEMORY:
+            if spool.in_memory:
                 return read_all()
             return await self.thread.run_cpu(read_all)  # from disk: not on the loop
 
@@ -199,21 +244,17 @@ class CheckingSink:
         self._settings = settings
         self._open = open_sink
         self._max_header = max_header
-        self._spool: Any = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close/abort)
-            max_size=SPOOL_MEMORY, dir=checker.spool_dir
-        )
-        self._size = 0
+        self._spool = Spool(checker.spool_dir)
         self.auth: AuthResults | None = None  # the verdicts, once known
 
     def write(self, data: bytes) -> None:
         self._spool.write(data)
-        self._size += len(data)
 
     def abort(self) -> None:
         self._spool.close()
 
     def close(self) -> Deferred[Any]:
-        d = self._checker.verdict(self._spool, self._size, self.envelope, self._settings,
+        d = self._checker.verdict(self._spool, self._spool.size, self.envelope, self._settings,
                                   self._max_header)
         return d.addCallback(self._deliver).addBoth(self._closed)
 
@@ -239,12 +280,11 @@ class CheckingSink:
             if verdict.refusal is not None:
                 return _outcome(verdict.refusal)
         sink = self._open(replace(self.envelope, auth=results))
-        if _later(sink) or self._size - verdict.offset > _REPLAY_CHUNK:
+        if _later(sink) or self._spool.size - verdict.offset > _REPLAY_CHUNK:
             return ensureDeferred(self._deliver_later(sink, verdict))
         spool = self._spool
-        spool.seek(verdict.offset)
         try:
-            written = sink.write(verdict.prefix + spool.read())
+            written = sink.write(verdict.prefix + spool.read(verdict.offset))
         except BaseException:
             sink.abort()
             raise
@@ -271,8 +311,10 @@ class CheckingSink:
 
     async def _replay(self, sink: Any, prefix: bytes, offset: int) -> None:
         spool = self._spool
-        spool.seek(offset)
-        chunk, unpaused = prefix or spool.read(_REPLAY_CHUNK), 0
+        if not prefix:
+            prefix = spool.read(offset, _REPLAY_CHUNK)
+            offset += len(prefix)
+        chunk, unpaused = prefix, 0
         while chunk:
             result = sink.write(chunk)
             if isinstance(result, Deferred) or isawaitable(result):
@@ -283,4 +325,5 @@ class CheckingSink:
                 if unpaused >= _REPLAY_SLICE:
                     await self._checker.pause()
                     unpaused = 0
-            chunk = spool.read(_REPLAY_CHUNK)
+            chunk = spool.read(offset, _REPLAY_CHUNK)
+            offset += len(chunk)
