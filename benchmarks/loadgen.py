@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 HOST = "127.0.0.1"
-SENDER = "sender@localhost"
+SENDER = "sender@loadgen.localhost"  # two labels: SPF and DMARC apply (maitred-auth)
 RECIPIENT = "bench@localhost"
 HELO_NAME = "loadgen.localhost"
 LARGE_WRITE = 256 * 1024

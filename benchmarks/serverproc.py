@@ -66,12 +66,12 @@ def _script(name: str) -> Callable[[int, Path], list[str]]:
 # peers log nothing per message).  This factory is a LogPublisher with no observers:
 # maitred_tx still builds and emits its events, and nothing formats or writes them.
 NULL_LOGGER = "--logger=twisted.logger.LogPublisher"
-# The SPF and DMARC records of the load generator's sender and HELO name (loadgen.py):
-# SPF passes for 127.0.0.1, DMARC p=none.  Any other name is REFUSED (no upstream).
+# The SPF and DMARC records of the load generator's sender, From: and HELO domain,
+# loadgen.localhost (loadgen.py): SPF passes for 127.0.0.1 (HELO and MAIL FROM), and
+# DMARC passes on it (p=none), a full evaluation of both.  Any other name is REFUSED.
 AUTH_ZONE = (
-    ("localhost", "v=spf1 ip4:127.0.0.1 -all"),
     ("loadgen.localhost", "v=spf1 ip4:127.0.0.1 -all"),
-    ("_dmarc.localhost", "v=DMARC1; p=none"),
+    ("_dmarc.loadgen.localhost", "v=DMARC1; p=none"),
 )
 NO_CHECKS = "--no-auth-checks"  # the SMTP path alone: the peers check nothing either
 

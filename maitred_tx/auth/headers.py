@@ -25,6 +25,9 @@ __all__ = ["HeaderField", "from_domains", "header_end", "iter_fields", "split_me
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # RFC 5322 2.2.3: unfolding removes a CRLF (we also accept a bare LF) before WSP.
 _FIELD_BREAK = re.compile(rb"(?<=\n)(?=[^ \t])")
+# The name of a From field (lower-cased), right after a line feed or at the start of
+# the block: such a line is never a continuation, as in iter_fields (see from_values).
+_FROM_NAME = re.compile(rb"from[ \t]*:")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -154,14 +157,30 @@ def from_addresses(header_block: bytes) -> list[str]:
     Submission's From: ownership check uses the same union as DMARC, so a field that two
     parsers read differently cannot pass one check with the other's address."""
     addresses: list[str] = []
-    for field in iter_fields(header_block):
-        if field.is_named(b"From"):
-            value = unfold(field.value).decode("utf-8", "replace")
-            for address in _addresses(value):
-                address = address.strip().lower()
-                if address and address not in addresses:
-                    addresses.append(address)
+    for raw in from_values(header_block):
+        value = unfold(raw).decode("utf-8", "replace")
+        for address in _addresses(value):
+            address = address.strip().lower()
+            if address and address not in addresses:
+                addresses.append(address)
     return addresses
+
+
+def from_values(header_block: bytes) -> list[bytes]:
+    """The (folded) values of the From: fields: what ``iter_fields`` gives for them,
+    found by searching for their names instead of building every field (most of a
+    header block is Received:, DKIM-Signature: and the like, never looked at)."""
+    values = []
+    lower = b"\n" + header_block.lower()  # lower[i + 1] is header_block[i]
+    at = lower.find(b"\nfrom")
+    while at >= 0:  # a line starting "from" (bytes.find: C speed), then the name's rule
+        match = _FROM_NAME.match(lower, at + 1)
+        if match is not None:
+            start = match.end() - 1
+            end = _FIELD_BREAK.search(header_block, start)
+            values.append(header_block[start : end.start() if end else None])
+        at = lower.find(b"\nfrom", at + 1)
+    return values
 
 
 def from_domains(header_block: bytes) -> list[str]:

@@ -227,7 +227,7 @@ def _parse_record(text: str) -> _Record:
 
 def _select(records: Sequence[Record]) -> str | None:
     """4.5: the one record starting "v=spf1" (then space or end); none -> None."""
-    spf = [r for r in records if isinstance(r, str) and re.match(r"v=spf1( |\Z)", r, re.I)]
+    spf = [r for r in records if isinstance(r, str) and _VERSION.match(r)]
     if len(spf) > 1:
         raise _PermError(f"{len(spf)} SPF records")
     return spf[0] if spf else None
@@ -239,12 +239,17 @@ def _queryable(name: str) -> bool:
     return len(name) <= 253 and all(0 < len(label) <= 63 for label in labels)
 
 
+_VERSION = re.compile(r"v=spf1( |\Z)", re.I)
+_TOP = re.compile(_TOPLABEL)
+
+
+@functools.lru_cache(maxsize=4096)
 def _valid_domain(domain: str) -> bool:
     """4.3: a multi-label domain name with a proper top label, else result none."""
     name = domain[:-1] if domain.endswith(".") else domain
     if not name or not name.isascii() or not _queryable(name) or "." not in name:
         return False
-    return re.fullmatch(_TOPLABEL, name.rsplit(".", 1)[1]) is not None
+    return _TOP.fullmatch(name.rsplit(".", 1)[1]) is not None
 
 
 def _reverse_name(ip: IP) -> str:

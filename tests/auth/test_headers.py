@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from maitred_tx.auth.headers import (
     HeaderField,
     from_domains,
+    from_values,
     header_end,
     iter_fields,
     split_message,
@@ -120,3 +121,12 @@ def _fields_by_lines(header_block: bytes) -> list[tuple[bytes | None, bytes]]:
 def test_iter_fields_agrees_with_the_line_by_line_reading(parts: list[bytes]) -> None:
     block = b"".join(parts)
     assert [(f.name, f.raw) for f in iter_fields(block)] == _fields_by_lines(block)
+
+
+@given(st.lists(st.sampled_from([b"From: a@b.example", b"from :c@d.example", b"FROM", b":",
+                                 b"X-From: e@f.example", b" g@h.example", b"\t", b"\r\n",
+                                 b"\n", b"\r", b"Fromage: x", b"From:"]), max_size=16))
+def test_from_values_are_the_from_fields_of_iter_fields(parts: list[bytes]) -> None:
+    block = b"".join(parts)
+    expected = [f.value for f in iter_fields(block) if f.is_named(b"From")]
+    assert from_values(block) == expected
