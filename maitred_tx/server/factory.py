@@ -64,6 +64,8 @@ class SMTPFactory(ServerFactory):
 
     def is_trusted_proxy(self, host: str) -> bool:
         """True if *host* may send PROXY headers and XCLIENT (issue 4: trusted only)."""
+        if not self.trusted_proxies:  # the usual case: no address parsing per connection
+            return False
         try:
             address = ip_address(host)
         except ValueError:

@@ -109,6 +109,7 @@ class SMTPServerProtocol(Protocol):
             transport.bufferSize = _READ_SIZE
         peer, host = transport.getPeer(), transport.getHost()
         self._started = time.monotonic()
+        implicit_tls = ISSLTransport.providedBy(transport)
         context = SessionContext(
             session_id=new_id(),
             hostname=self.config.hostname,
@@ -117,10 +118,10 @@ class SMTPServerProtocol(Protocol):
             local_host=getattr(host, "host", str(host)),
             local_port=getattr(host, "port", 0),
             lmtp=self.config.lmtp,
+            tls=implicit_tls,
         )
         trusted = self.factory.is_trusted_proxy(context.peer_host)
-        implicit_tls = ISSLTransport.providedBy(transport)
-        self.policy = Policy(self._delivery, replace(context, tls=implicit_tls))
+        self.policy = Policy(self._delivery, context)
         self._unauthenticated = self.policy.delivery  # what serves the session before AUTH
         info = SessionInfo(lmtp=self.config.lmtp, tls=implicit_tls, trusted=trusted)
         self.session = ServerSession(self.config, info=info)

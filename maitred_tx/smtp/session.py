@@ -13,6 +13,7 @@ its caller raises.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Final
@@ -127,8 +128,7 @@ class ServerSession:
         self.auth_failures = 0
         self._closing = False
         self._closed = False
-        greeting = R.R220_LMTP_GREETING if config.lmtp else R.R220_GREETING
-        self._send(greeting.format(hostname=config.hostname))
+        self._send(_greeting(config.lmtp, config.hostname))
 
     # --- input and output ----------------------------------------------------------
 
@@ -392,8 +392,7 @@ class ServerSession:
         self.info = SessionInfo(
             lmtp=self.info.lmtp, tls=self.info.tls, trusted=True, authenticated=login
         )
-        greeting = R.R220_LMTP_GREETING if self.config.lmtp else R.R220_GREETING
-        self._send(greeting.format(hostname=self.config.hostname))
+        self._send(_greeting(self.config.lmtp, self.config.hostname))
 
     def close_with(self, reply: Reply) -> None:
         """End the session with *reply* (a 421 of the caller's: limits, shutdown)."""
@@ -478,9 +477,8 @@ class ServerSession:
     def _hello_reply(self, esmtp: bool) -> Reply:
         host = self.config.hostname
         if not esmtp:
-            return R.R250_HELO.format(hostname=host)
-        lines = (host, *self.capabilities())
-        return Reply(250, None, lines)
+            return _helo_reply(host)
+        return _ehlo_reply(host, self.capabilities())
 
     def capabilities(self) -> tuple[str, ...]:
         """The EHLO keywords; each one is implemented, not just advertised."""
@@ -687,3 +685,19 @@ _HANDLERS: Final[dict[type[Command], Callable[[ServerSession, Any], None]]] = {
         for c in (Noop, Vrfy, Expn, Help, NotImplementedVerb, HttpRequest)
     },
 }
+
+
+# Replies every session sends, the same for a listener: built and encoded once.
+@functools.lru_cache(maxsize=64)
+def _greeting(lmtp: bool, hostname: str) -> Reply:
+    return (R.R220_LMTP_GREETING if lmtp else R.R220_GREETING).format(hostname=hostname)
+
+
+@functools.lru_cache(maxsize=64)
+def _helo_reply(hostname: str) -> Reply:
+    return R.R250_HELO.format(hostname=hostname)
+
+
+@functools.lru_cache(maxsize=256)
+def _ehlo_reply(hostname: str, capabilities: tuple[str, ...]) -> Reply:
+    return Reply(250, None, (hostname, *capabilities))
