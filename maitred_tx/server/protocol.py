@@ -160,14 +160,17 @@ class SMTPServerProtocol(Protocol):
             self._drain_events()
         if self.policy is not None:
             ctx = self.policy.context
-            _log.info(
-                "{peer} session {session_id} ended after {duration:.3f}s: "
-                "{messages} messages, {errors} errors",
+            duration = time.monotonic() - self._started
+            errors = self.session.errors if self.session else 0
+            _emit_info(  # as the per-message event: one lazily built text field
+                "{summary()}",
+                summary=partial(_session_summary, ctx.peer_host, ctx.session_id, duration,
+                                self.messages, errors),
                 peer=ctx.peer_host,
                 session_id=ctx.session_id,
-                duration=time.monotonic() - self._started,
+                duration=duration,
                 messages=self.messages,
-                errors=self.session.errors if self.session else 0,
+                errors=errors,
                 helo=ctx.helo,
             )
         if self._counted:
@@ -591,6 +594,13 @@ def _message_summary(
     """The text of the per-message log event; the checks' verdicts last, when made."""
     text = f"{peer} message {message_id} from <{sender}> to {recipients}: {code} {status}"
     return text if auth is None else f"{text} ({auth})"
+
+
+def _session_summary(peer: str, session_id: str, duration: float, messages: int,
+                     errors: int) -> str:
+    """The text of the end-of-session log event."""
+    return (f"{peer} session {session_id} ended after {duration:.3f}s: "
+            f"{messages} messages, {errors} errors")
 
 
 def _emit_info(format: str, **fields: object) -> None:

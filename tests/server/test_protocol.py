@@ -842,3 +842,21 @@ def test_refused_recipients_are_logged_once_each() -> None:
     assert [(e["address"], e["code"], e["status"]) for e in refused] == [
         ("bob@example.org", 550, "5.1.1"), ("x@elsewhere.test", 550, "5.7.1")]
     assert all(e["peer"] == "192.0.2.7" for e in refused)
+
+
+def test_session_end_event_is_a_regular_info_event_with_its_text() -> None:
+    """Emitted like the per-message event (no Logger.info): same keys, same text."""
+    with capturedLogs() as events:
+        wire = greeted(Recording())
+        wire.send(b"QUIT\r\n")
+        Logger(namespace="maitred_tx.server.protocol").info("reference")
+    [event] = _ends(list(events))
+    [reference] = [e for e in events if e.get("log_format") == "reference"]
+    assert {k for k in event if k.startswith("log_")} == {
+        k for k in reference if k.startswith("log_")}
+    for key in ("log_level", "log_namespace", "log_source"):
+        assert event[key] == reference[key]
+    assert (event["messages"], event["errors"], event["helo"]) == (0, 0, "client.test")
+    assert formatEvent(event) == (
+        f"192.0.2.7 session {event['session_id']} ended after {event['duration']:.3f}s: "
+        "0 messages, 0 errors")
