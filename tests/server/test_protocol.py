@@ -778,6 +778,16 @@ def test_one_log_event_per_transaction_and_per_session_without_body() -> None:
         assert MARKER.decode() not in repr(event)
 
 
+def _assert_like_logger_info(event: LogEvent, events: list[LogEvent]) -> None:
+    """*event* has the keys and level/namespace/source that Logger.info gave the
+    "reference" event among *events*."""
+    [reference] = [e for e in events if e.get("log_format") == "reference"]
+    assert {k for k in event if k.startswith("log_")} == {
+        k for k in reference if k.startswith("log_")}
+    for key in ("log_level", "log_namespace", "log_source"):
+        assert event[key] == reference[key]
+
+
 def test_message_event_is_a_regular_info_event_with_its_text() -> None:
     """The per-message event is emitted without Logger.info: it must look the same."""
     delivery = Recording()
@@ -786,11 +796,7 @@ def test_message_event_is_a_regular_info_event_with_its_text() -> None:
         wire.send(MESSAGE)
         Logger(namespace="maitred_tx.server.protocol").info("reference")
     [event] = _messages(list(events))
-    [reference] = [e for e in events if e.get("log_format") == "reference"]
-    assert {k for k in event if k.startswith("log_")} == {
-        k for k in reference if k.startswith("log_")}
-    for key in ("log_level", "log_namespace", "log_source"):
-        assert event[key] == reference[key]
+    _assert_like_logger_info(event, list(events))
     assert formatEvent(event) == (
         f"192.0.2.7 message {event['message_id']} from <alice@sender.test> to "
         "['bob@example.org', 'carol@example.org']: 250 2.0.0")
@@ -851,11 +857,7 @@ def test_session_end_event_is_a_regular_info_event_with_its_text() -> None:
         wire.send(b"QUIT\r\n")
         Logger(namespace="maitred_tx.server.protocol").info("reference")
     [event] = _ends(list(events))
-    [reference] = [e for e in events if e.get("log_format") == "reference"]
-    assert {k for k in event if k.startswith("log_")} == {
-        k for k in reference if k.startswith("log_")}
-    for key in ("log_level", "log_namespace", "log_source"):
-        assert event[key] == reference[key]
+    _assert_like_logger_info(event, list(events))
     assert (event["messages"], event["errors"], event["helo"]) == (0, 0, "client.test")
     assert formatEvent(event) == (
         f"192.0.2.7 session {event['session_id']} ended after {event['duration']:.3f}s: "
