@@ -14,6 +14,7 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Protocol
@@ -67,6 +68,9 @@ _PROXY_V1 = b"PROXY "
 _PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 # Failed AUTH answers wait longer each time (seconds), to slow down password guessing.
 _AUTH_DELAYS = (1.0, 2.0, 4.0, 8.0)
+# The transport _write may send on directly: the accepted plain TCP connection, whose
+# write() and buffers are Twisted's own (a subclass could change either).
+_TCP_SERVER = tcp.Server
 
 
 class SMTPServerProtocol(Protocol):
@@ -317,7 +321,7 @@ class SMTPServerProtocol(Protocol):
         assert self.session is not None
         out = self.session.data_to_send()
         if out and self.transport is not None:
-            self.transport.write(out)
+            _write(self.transport, out)
 
     def _set_reading(self, reading: bool) -> None:
         transport = self.transport
@@ -601,6 +605,31 @@ def _session_summary(peer: str, session_id: str, duration: float, messages: int,
     """The text of the end-of-session log event."""
     return (f"{peer} session {session_id} ended after {duration:.3f}s: "
             f"{messages} messages, {errors} errors")
+
+
+def _write(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once when the transport is plain TCP with
+    nothing queued.  Twisted's write only queues: it registers the socket for writing
+    (an epoll_ctl), sends on the reactor's next turn, then unregisters it (another), at
+    about a tenth of the server's CPU for the two writes of each pipelined message.  The
+    bytes, their order and their timing relative to later writes are unchanged: when
+    the socket takes all of them nothing is left to queue, otherwise (a full socket
+    buffer, or an error for the reactor to report) the rest goes the usual way."""
+    if (
+        type(transport) is _TCP_SERVER
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataLen
+    ):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int and sent > 0:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
 
 
 def _emit_info(format: str, **fields: object) -> None:
