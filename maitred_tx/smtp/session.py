@@ -119,6 +119,7 @@ class ServerSession:
         self._events: list[Event] = []
         self._pending: Command | None = None
         self._receiver: _Receiver | None = None
+        self._data_receiver: DataReceiver | None = None  # reused by every DATA body
         self._checker: ContentChecker | None = None  # content checks across BDAT chunks
         self._bdat: Bdat | None = None  # the accepted BDAT whose chunk is being read
         self._chunk_reply: Reply | None = None  # the reply owed for a refused chunk
@@ -306,7 +307,12 @@ class ServerSession:
             return
         self._start_message(txn)
         self._send(R.R354_START_DATA)
-        receiver = DataReceiver(self._limits, self.config.bare_line_endings)
+        receiver = self._data_receiver
+        if receiver is None:
+            receiver = DataReceiver(self._limits, self.config.bare_line_endings)
+            self._data_receiver = receiver
+        else:
+            receiver.reset()
         self._receiver = receiver
         self._bdat = None
 

@@ -449,3 +449,40 @@ def test_line_length_model_with_bare_checks_on(
     sizes = [n + 1 for n in lengths[:-1]] + [lengths[-1] + terminated]
     expected = TOO_LONG if max(sizes) > 999 else None
     assert check(data.draw(chunkings(content)), limits, REJECT) == expected
+
+
+def _feed_all(receiver: DataReceiver, chunks: list[bytes]) -> Outcome:
+    out: list[bytes] = []
+    consumed = 0
+    for chunk in chunks:
+        pieces, end = receiver.feed(chunk)
+        out += pieces
+        if end is not None:
+            return b"".join(out), consumed + end, receiver.finish()
+        consumed += len(chunk)
+    return b"".join(out), None, receiver.error
+
+
+SAMPLES = [
+    [b"Subject: a\r\n\r\n..dot\r\n.\r\n"],
+    [b"Subject: a\r\n\r\nbare\nLF\r\n.\r\n"],  # refused (REJECT), a clean start after
+    [b"x" * 1200 + b"\r\n.\r\n"],  # too long a line
+    [b"Subject: b\r\n\r\nend with CR\r", b"\n.\r\n"],
+    [b".\r\n"],
+    [b"NUL\0\r\n.\r\n"],
+    [b"Subject: " + b"h" * 300 + b"\r\n", b"\r\nbody\r\n.\r\n"],
+]
+
+
+@pytest.mark.parametrize("bare", [ACCEPT, REJECT])
+def test_reset_receiver_is_like_a_new_one(bare: BareLineEndings) -> None:
+    """The session reuses one DataReceiver: after reset() it answers every body as a
+    new one would, whatever the previous body left behind (errors, a held CR, header
+    state)."""
+    limits = Limits(max_header_block=200)
+    reused = DataReceiver(limits, bare)
+    for first, second in itertools.product(SAMPLES, repeat=2):
+        reused.reset()
+        assert _feed_all(reused, first) == _feed_all(DataReceiver(limits, bare), first)
+        reused.reset()
+        assert _feed_all(reused, second) == _feed_all(DataReceiver(limits, bare), second)
