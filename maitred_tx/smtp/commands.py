@@ -35,7 +35,6 @@ from maitred_tx.smtp.params import (
 )
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.sasl import SaslError, parse_auth_command
-from maitred_tx.smtp.values import fast_init
 from maitred_tx.smtp.xclient import XClient, XClientError, parse_xclient
 
 __all__ = [
@@ -93,14 +92,12 @@ class Lhlo(Command):
     domain: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MailFrom(Command):
     sender: Mailbox | None  # None: the null reverse-path <> (RFC 5321 4.5.5)
     params: MailParams
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class RcptTo(Command):
     recipient: Mailbox

@@ -11,7 +11,6 @@ from maitred_tx.smtp.commands import Ehlo, Helo, Lhlo, MailFrom, RcptTo
 from maitred_tx.smtp.params import BodyType, MailParams, RcptParams
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.sasl import Credentials
-from maitred_tx.smtp.values import fast_init
 from maitred_tx.smtp.xclient import XClient
 
 __all__ = [
@@ -94,7 +93,6 @@ class HelloReceived(Event):
     command: Ehlo | Helo | Lhlo
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MailReceived(Event):
     """Decide: None gives 250 2.1.0; any Reply is sent as is."""
@@ -102,7 +100,6 @@ class MailReceived(Event):
     command: MailFrom
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class RcptReceived(Event):
     """Decide: None gives 250 2.1.5; a positive Reply accepts, others refuse."""
@@ -111,7 +108,6 @@ class RcptReceived(Event):
     transaction: Transaction
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageStarted(Event):
     """The body begins: open the sink.  No decision."""
@@ -119,7 +115,6 @@ class MessageStarted(Event):
     transaction: Transaction
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageData(Event):
     """Body bytes, in order, dot-unstuffed, binary-safe.  No decision."""
@@ -127,7 +122,6 @@ class MessageData(Event):
     data: bytes
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageComplete(Event):
     """The body ended: deliver, then decide (SMTP) or decide_each (LMTP)."""
