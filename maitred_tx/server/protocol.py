@@ -615,14 +615,16 @@ def _write(transport: Any, data: bytes) -> None:
     bytes, their order and their timing relative to later writes are unchanged: when
     the socket takes all of them nothing is left to queue, otherwise (a full socket
     buffer, or an error for the reactor to report) the rest goes the usual way."""
+    # getattr with defaults that mean "queue it": these are Twisted's internals (26.10),
+    # and a Twisted without one of them must fall back, not fail.
     if (
         type(transport) is _TCP_SERVER
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataLen
+        and getattr(transport, "TLS", True) is False
+        and getattr(transport, "connected", False)
+        and not getattr(transport, "disconnecting", True)
+        and not getattr(transport, "_writeDisconnected", True)
+        and not getattr(transport, "dataBuffer", True)
+        and not getattr(transport, "_tempDataLen", True)
     ):
         sent = transport.writeSomeData(data)
         if type(sent) is int and sent > 0:

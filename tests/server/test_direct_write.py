@@ -69,3 +69,18 @@ def test_other_transports_use_write() -> None:
 
     _write(Other(), b"250 ok\r\n")
     assert written == [b"250 ok\r\n"]
+
+
+@pytest.mark.parametrize("missing", ["TLS", "_writeDisconnected", "dataBuffer", "_tempDataLen"])
+def test_a_twisted_without_one_of_the_internals_falls_back(
+    missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As if a Twisted upgrade renamed it: queued, never an AttributeError."""
+    t = _Transport(len)
+    delattr(t.server, missing)
+    for cls in type(t.server).__mro__:
+        if missing in vars(cls):  # a class default too (restored after the test)
+            monkeypatch.delattr(cls, missing)
+    assert not hasattr(t.server, missing)
+    _write(t.server, b"250 ok\r\n")
+    assert (t.sent, t.queued) == ([], [b"250 ok\r\n"])
