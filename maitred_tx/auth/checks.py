@@ -182,33 +182,29 @@ class AuthChecker:
         return SPFRequest(context.peer_host, None if sender is None else str(sender),
                           context.helo or "", context.hostname, self._spf_timeout)
 
-    def verdict(self, spool: Any, size: int, envelope: Envelope, settings: AuthChecks,
+    def verdict(self, spool: Spool, envelope: Envelope, settings: AuthChecks,
                 max_header: int) -> Deferred[Verdict]:
-        """The verdict on a spooled message (``size`` octets), computed on the checks
-        thread and fired on the reactor: the one hand-over per message."""
+        """The verdict on a spooled message, computed on the checks thread and fired on
+        the reactor: the one hand-over per message."""
         sender = envelope.sender
         return self.thread.submit(self._verdict(
-            spool, size, self.spf_request(envelope), None if sender is None else str(sender),
+            spool, self.spf_request(envelope), None if sender is None else str(sender),
             settings, envelope.session.hostname, max_header,
         ))
 
-    async def _verdict(self, spool: Any, size: int, spf: SPFRequest | None,
-                       mail_from: str | None, settings: AuthChecks, authserv_id: str,
-                       max_header: int) -> Verdict:
+    async def _verdict(self, spool: Spool, spf: SPFRequest, mail_from: str | None,
+                       settings: AuthChecks, authserv_id: str, max_header: int) -> Verdict:
         """On the checks thread, which owns the spool until the verdict is back."""
-        first = spool.read(0, max_header + 4)
-
-        def read_all() -> bytes:
-            return spool.read()
 
         async def read() -> bytes:
             if spool.in_memory:
-                return read_all()
-            return await self.thread.run_cpu(read_all)  # from disk: not on the loop
+                return spool.read()
+            return await self.thread.run_cpu(spool.read)  # from disk: not on the loop
 
         return await check_message(
-            self._bridged, self.thread.run_cpu, first=first, size=size, read=read, spf=spf,
-            mail_from=mail_from, settings=settings, authserv_id=authserv_id,
+            self._bridged, self.thread.run_cpu, first=spool.read(0, max_header + 4),
+            size=spool.size, read=read, spf=spf, mail_from=mail_from, settings=settings,
+            authserv_id=authserv_id,
         )
 
     def sink(
@@ -254,7 +250,7 @@ class CheckingSink:
         self._spool.close()
 
     def close(self) -> Deferred[Any]:
-        d = self._checker.verdict(self._spool, self._spool.size, self.envelope, self._settings,
+        d = self._checker.verdict(self._spool, self.envelope, self._settings,
                                   self._max_header)
         return d.addCallback(self._deliver).addBoth(self._closed)
 

@@ -260,13 +260,11 @@ async def _results(
     skipped = None
     dkim_results: Sequence[DKIMResult] = ()
     arc: ARCResult | None = ARCResult("none", 0, None, "message is not ARC signed")
-    spf_pair: SPFPair | None = None
     if (signed or sealed) and size > settings.max_dkim_size:
         skipped = f"message larger than {settings.max_dkim_size} octets: not verified"
         dkim_results = _unverified(head, skipped)
         arc = None
-        spf_pair = await _spf(spf_request, resolver)
-    elif signed or sealed:
+    if (signed or sealed) and skipped is None:
         message = await read()
         # SPF, DKIM and ARC ask DNS concurrently; DKIM and ARC each ask for all their
         # keys before they await any (fetch_keys).
@@ -276,7 +274,7 @@ async def _results(
             verify_arc(message, resolver, run_cpu) if sealed else _value(arc),
         )
         del message
-    else:
+    else:  # nothing to verify: SPF alone
         spf_pair = await _spf(spf_request, resolver)
     helo_verdict, mail_verdict = spf_pair if spf_pair is not None else (None, None)
     dmarc = await check_dmarc_authors(

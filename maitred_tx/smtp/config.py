@@ -49,7 +49,7 @@ class AuthTempError(enum.Enum):
 class AuthChecks:
     """Inbound email authentication (SPF, DKIM, ARC, DMARC) on one listener (issue 5).
 
-    The checks need a resolver and a thread pool: ``SMTPService`` (and ``twistd
+    The checks need a resolver and their own thread: ``SMTPService`` (and ``twistd
     maitred``) build them; a bare ``SMTPFactory`` checks only when given a checker.
     By default verdicts are only *recorded* in an Authentication-Results field: like
     OpenDMARC's RejectFailures=false and Postfix policyd-spf's defaults for DMARC, a

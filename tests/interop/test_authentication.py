@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from ipaddress import ip_network
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import dkim
 import pytest
@@ -484,8 +484,10 @@ async def test_service_builds_one_checker_and_runs_its_thread_with_the_service(d
 class ThreadRecordingResolver(TwistedResolver):
     """Notes which thread reads its cache and which sends its queries."""
 
-    cached_on: ClassVar[set[str]] = set()
-    lookup_on: ClassVar[set[str]] = set()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cached_on: set[str] = set()
+        self.lookup_on: set[str] = set()
 
     def cached(self, name: str, rtype: str) -> Any:
         self.cached_on.add(threading.current_thread().name)
@@ -504,8 +506,10 @@ async def test_checks_run_off_the_reactor_thread_and_dns_is_asked_on_it(server):
     srv = server(resolver_class=ThreadRecordingResolver)
     for _ in range(2):  # the second message is answered from the cache
         assert (await deliver(srv, "alice@pass.test", message("alice@pass.test")))[0] == 250
-    assert ThreadRecordingResolver.cached_on == {"maitred-auth"}
-    assert ThreadRecordingResolver.lookup_on == {threading.main_thread().name}
+    resolver = srv.factory.checker.resolver
+    assert isinstance(resolver, ThreadRecordingResolver)
+    assert resolver.cached_on == {"maitred-auth"}
+    assert resolver.lookup_on == {threading.main_thread().name}
     stored = srv.delivery.messages[-1]
     assert stored.envelope.auth is not None
     assert stored.envelope.auth.dmarc.result == "pass"
