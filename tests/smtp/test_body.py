@@ -327,6 +327,44 @@ def test_bare_line_ending_model(data: st.DataObject, parts: list[bytes]) -> None
     assert check(data.draw(chunkings(content))) == expected
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.data(), st.lists(st.sampled_from(
+    [b"a", b"\r", b"\n", b"\r\n", b"bc", b"\0", b"\r\n" * 40]), max_size=30))
+def test_bare_line_ending_model_for_bdat(data: st.DataObject, parts: list[bytes]) -> None:
+    """BDAT's check (no line framing, ContentChecker(lines=False)).  With both a NUL
+    and a bare line ending either refusal is right: which comes first can depend on
+    where a read ends (a CR at the end of one, the NUL starting the next)."""
+    content = b"".join(parts)
+    nul, bare = b"\0" in content, _BARE.search(content) is not None
+    expected = {R.R550_NUL_CHARACTER} if nul else set()
+    expected |= {R.R550_BARE_LINE_ENDING} if bare else set()
+    checker = ContentChecker(ROOMY, REJECT, lines=False)
+    for chunk in data.draw(chunkings(content)):
+        checker.feed(chunk)
+    result = checker.finish()
+    assert result in expected if expected else result is None
+    if nul and not bare:
+        assert result == R.R550_NUL_CHARACTER
+
+
+@pytest.mark.parametrize("content", [b"\ra\n", b"x\ra\nb\r\n", b"a\nb\r", b"\n\r"])
+def test_bdat_check_sees_a_cr_and_an_lf_apart(content: bytes) -> None:
+    """A CR and an LF with octets between them are two bare line endings, though the
+    CRs and LFs alone, in order, read as a CRLF (a shortcut that was tried and failed)."""
+    checker = ContentChecker(ROOMY, REJECT, lines=False)
+    checker.feed(content)
+    assert checker.finish() == R.R550_BARE_LINE_ENDING
+
+
+def test_bdat_check_with_many_line_breaks_in_one_read() -> None:
+    many = b"\r\n" * 40000
+    for tail, expected in ((b"", None), (b"\n", R.R550_BARE_LINE_ENDING),
+                           (b"\0", R.R550_NUL_CHARACTER)):
+        checker = ContentChecker(ROOMY, REJECT, lines=False)
+        checker.feed(many + tail + many)
+        assert checker.finish() == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.data(), st.lists(st.integers(0, 1200), min_size=1, max_size=8), st.booleans())
 def test_line_length_model(data: st.DataObject, lengths: list[int], terminated: bool) -> None:
