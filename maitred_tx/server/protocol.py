@@ -114,20 +114,21 @@ class SMTPServerProtocol(Protocol):
         peer, host = transport.getPeer(), transport.getHost()
         self._started = time.monotonic()
         implicit_tls = ISSLTransport.providedBy(transport)
+        lmtp = self.config.lmtp
         context = SessionContext(
             session_id=new_id(),
             hostname=self.config.hostname,
-            peer_host=getattr(peer, "host", str(peer)),
+            peer_host=_host(peer),
             peer_port=getattr(peer, "port", 0),
-            local_host=getattr(host, "host", str(host)),
+            local_host=_host(host),
             local_port=getattr(host, "port", 0),
-            lmtp=self.config.lmtp,
+            lmtp=lmtp,
             tls=implicit_tls,
         )
         trusted = self.factory.is_trusted_proxy(context.peer_host)
         self.policy = Policy(self._delivery, context)
         self._unauthenticated = self.policy.delivery  # what serves the session before AUTH
-        info = SessionInfo(lmtp=self.config.lmtp, tls=implicit_tls, trusted=trusted)
+        info = SessionInfo(lmtp=lmtp, tls=implicit_tls, trusted=trusted)
         self.session = ServerSession(self.config, info=info)
         if trusted and self.config.proxy_protocol:
             self._proxy_buf = b""  # the first bytes must be a PROXY header (v1 or v2)
@@ -371,7 +372,7 @@ class SMTPServerProtocol(Protocol):
         assert session is not None and policy is not None
         command = event.command
         esmtp = not isinstance(command, Helo)
-        policy.context = replace(policy.context, helo=command.domain, esmtp=esmtp)
+        policy.context = _with_hello(policy.context, command.domain, esmtp)
         facts = tls_facts(self.transport)  # the handshake is done by the first EHLO
         if facts is not None:
             policy.context = replace(
@@ -605,6 +606,25 @@ def _session_summary(peer: str, session_id: str, duration: float, messages: int,
     """The text of the end-of-session log event."""
     return (f"{peer} session {session_id} ended after {duration:.3f}s: "
             f"{messages} messages, {errors} errors")
+
+
+def _host(address: Any) -> str:
+    """The address's host, or its text for an address without one (a UNIX socket)."""
+    host = getattr(address, "host", None)  # not getattr's default: str() is ~1 us
+    return str(address) if host is None else host
+
+
+def _with_hello(c: SessionContext, helo: str, esmtp: bool) -> SessionContext:
+    """``replace(c, helo=helo, esmtp=esmtp)``, for every EHLO: dataclasses.replace
+    inspects the fields on each call, at twice the cost of naming them here.
+    (tests/server/test_protocol.py holds it to replace(), field by field.)"""
+    return SessionContext(
+        session_id=c.session_id, hostname=c.hostname, peer_host=c.peer_host,
+        peer_port=c.peer_port, local_host=c.local_host, local_port=c.local_port,
+        helo=helo, esmtp=esmtp, lmtp=c.lmtp, tls=c.tls, tls_version=c.tls_version,
+        tls_cipher=c.tls_cipher, tls_client_certificate=c.tls_client_certificate,
+        authenticated=c.authenticated, proxied_by=c.proxied_by,
+    )
 
 
 def _write(transport: Any, data: bytes) -> None:

@@ -476,7 +476,10 @@ class ServerSession:
             return
         self._end_transaction(None)
         esmtp = not isinstance(command, Helo)
-        self.info = replace(self.info, helo=command.domain, esmtp=esmtp)
+        info = self.info  # each field named: replace() costs twice as much, per EHLO
+        self.info = SessionInfo(helo=command.domain, esmtp=esmtp, lmtp=info.lmtp,
+                                tls=info.tls, authenticated=info.authenticated,
+                                trusted=info.trusted)
         self.state = State.GREETED
         self._send(reply or self._hello_reply(esmtp))
 

@@ -862,3 +862,21 @@ def test_session_end_event_is_a_regular_info_event_with_its_text() -> None:
     assert formatEvent(event) == (
         f"192.0.2.7 session {event['session_id']} ended after {event['duration']:.3f}s: "
         "0 messages, 0 errors")
+
+
+def test_with_hello_is_replace_field_by_field() -> None:
+    """protocol._with_hello names every SessionContext field: a field added later and
+    not copied there would be lost at EHLO, so each gets a value of its own here."""
+    import dataclasses
+
+    from maitred_tx.envelope import SessionContext
+    from maitred_tx.server.protocol import _with_hello
+
+    values: dict[str, Any] = {}
+    for i, f in enumerate(dataclasses.fields(SessionContext)):
+        values[f.name] = i if f.type in ("int", int) else (
+            True if f.type in ("bool", bool) else f"value-{i}")
+    context = SessionContext(**values)
+    assert _with_hello(context, "mx.example", esmtp=False) == dataclasses.replace(
+        context, helo="mx.example", esmtp=False)
+    assert _with_hello(context, "mx.example", esmtp=True).esmtp is True
