@@ -12,8 +12,9 @@ from twisted.cred import strcred
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import reflect, usage
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from maitred_tx.server.tls import server_context
@@ -26,6 +27,7 @@ from maitred_tx.smtp.config import (
     Limits,
     Mode,
 )
+from maitred_tx.textlog import twistd_observer
 
 __all__ = ["Options", "makeService"]
 
@@ -277,14 +279,32 @@ def makeService(options: Options) -> SMTPService:
     listeners += [(d, lmtp) for d in options["lmtp"]]
     if not listeners:
         listeners = [(DEFAULT_LISTEN, config)]
-    service = SMTPService(
+    service = _TwistdService(
         reactor, config, delivery, (), portal=portal, tls=tls,
         trusted_proxies=options["trusted-proxy"],
         dns_servers=options["dns-server"] or None, dns_timeout=options["dns-timeout"],
     )
     for description, listener_config in listeners:
         service.listen(description, listener_config)
+    service.text_log = twistd_observer(getattr(options, "parent", None))
     return service
+
+
+class _TwistdService(SMTPService):
+    """The service ``twistd maitred`` runs: it also gives twistd its log observer,
+    twistd's own with a cheaper formatter (``maitred_tx.textlog``), the one way a
+    plugin can, as the application's ILogObserver component."""
+
+    text_log: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if (
+            self.text_log is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.text_log)
+        super().setServiceParent(parent)
 
 
 def _bytes_users(checker: Any) -> Any:

@@ -3,9 +3,11 @@ each kind of --delivery, the dropin's place, and what the wheel ships."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -105,6 +107,15 @@ def test_twistd_discard(tmp_path: Path):
         s.rcpt("user@localhost")
         assert s.data(MESSAGE) == (250, b"2.0.0 OK: discarded")
     assert not (tmp_path / "maildir").exists()
+    # The per-message line in twistd's text format (maitred_tx.textlog formats it).
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+    line = (stamp + r" \[maitred_tx\.server\.protocol#info\] 127\.0\.0\.1 message "
+            r"[0-9A-F]+ from <a@b\.org> to \['user@localhost'\]: 250 2\.0\.0 "
+            r"\(spf=none dkim=none arc=none dmarc=none\)")  # the checks are on
+    deadline = time.monotonic() + 10
+    while not re.search("^" + line + "$", server.log_text(), re.M):
+        assert time.monotonic() < deadline, server.log_text()
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("name", ["delivery", "FileDelivery"])  # object, 0-arg factory
