@@ -218,10 +218,19 @@ def free_port() -> int:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free for UDP *and* TCP on 127.0.0.1: dnsmasq binds both, and after (e)
+    many TCP ports are in TIME_WAIT while their UDP twins look free."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                    tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerError("no port free for both UDP and TCP on 127.0.0.1")
 
 
 def start_dnsmasq(port: int, records: tuple[tuple[str, str], ...], ttl: int
@@ -260,8 +269,14 @@ class RunningServer:
         self.dns: subprocess.Popen[bytes] | None = None
         argv = spec.argv(self.port, workdir)
         if spec.dns:
-            dns_port = free_udp_port()
-            self.dns = start_dnsmasq(dns_port, spec.dns, spec.dns_ttl)
+            for attempt in range(5):  # a port can still be taken between check and bind
+                dns_port = free_udp_port()
+                try:
+                    self.dns = start_dnsmasq(dns_port, spec.dns, spec.dns_ttl)
+                    break
+                except ServerError:
+                    if attempt == 4:
+                        raise
             argv = [a.replace("{dnsport}", str(dns_port)) for a in argv]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
