@@ -57,6 +57,8 @@ class Stat:
 
 
 Summary = dict[tuple[str, str], dict[str, Stat]]
+# Per (variant, server, metric): the value of each repetition, by its number.
+Repetitions = dict[tuple[str, str, str], dict[int, float]]
 
 
 def summarize(samples: Iterable[Sample]) -> Summary:
@@ -75,6 +77,19 @@ def summarize(samples: Iterable[Sample]) -> Summary:
         }
         for where, metrics in values.items()
     }
+
+
+def by_repetition(samples: Iterable[Sample]) -> Repetitions:
+    """Every metric of every clean sample, keyed by its repetition: one repetition
+    measures all servers one after the other, so a ratio within it compares them
+    under the same machine state (the medians' ratio mixes states)."""
+    found: Repetitions = {}
+    for sample in samples:
+        if sample.skipped is None and sample.clean:
+            for key, value in sample.metrics.items():
+                found.setdefault((sample.variant, sample.server, key), {})[
+                    sample.repetition] = value
+    return found
 
 
 def _cell(stat: Stat | None, fmt: str) -> str:
@@ -204,8 +219,29 @@ def targets_for(variants: Sequence[Variant]) -> list[Target]:
     return [t for t in found if t.variant in keys]
 
 
-def evaluate(target: Target, server: str, summary: Summary) -> tuple[str, str]:
-    """(measured, PASS/MISS/n/a) for one target and one server."""
+def _paired_range(target: Target, server: str, reps: Repetitions) -> str:
+    """" (lo-hi)": the target's ratio within each repetition, lowest and highest."""
+    if target.peer is None:
+        return ""
+    if target.peer.startswith("self:"):
+        base = reps.get((target.peer[5:], server, target.metric), {})
+    else:
+        base = reps.get((target.variant, target.peer, target.metric), {})
+    ours = reps.get((target.variant, server, target.metric), {})
+    ratios = [
+        r for rep in sorted(ours.keys() & base.keys())
+        if (r := advantage(ours[rep], base[rep], target.higher_is_better)) is not None
+    ]
+    if len(ratios) < 2:
+        return ""
+    return f" ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def evaluate(
+    target: Target, server: str, summary: Summary, reps: Repetitions | None = None
+) -> tuple[str, str]:
+    """(measured, PASS/MISS/n/a) for one target and one server; with *reps*, the
+    measured ratio is followed by its range over the repetitions."""
     ours = summary.get((target.variant, server), {}).get(target.metric)
     if ours is None:
         return "—", "n/a"
@@ -221,11 +257,13 @@ def evaluate(target: Target, server: str, summary: Summary) -> tuple[str, str]:
     ratio = advantage(ours.median, base.median, target.higher_is_better)
     if ratio is None:
         return "—", "n/a"
-    return f"{ratio:.2f}x", "PASS" if target.met_by(ratio) else "MISS"
+    spread = _paired_range(target, server, reps) if reps else ""
+    return f"{ratio:.2f}x{spread}", "PASS" if target.met_by(ratio) else "MISS"
 
 
 def targets_table(
-    variants: Sequence[Variant], servers: Sequence[str], summary: Summary
+    variants: Sequence[Variant], servers: Sequence[str], summary: Summary,
+    reps: Repetitions | None = None,
 ) -> list[str]:
     ours = [s for s in servers if s not in PEERS]
     if not ours:
@@ -233,11 +271,15 @@ def targets_table(
     rows = [["target", "required", *(f"{s} measured" for s in ours), *ours]]
     for target in targets_for(variants):
         required = target.requirement()
-        results = [evaluate(target, s, summary) for s in ours]
+        results = [evaluate(target, s, summary, reps) for s in ours]
         rows.append([target.label, required, *(m for m, _ in results), *(v for _, v in results)])
     legend = (
         "Ratios are from medians: throughput ours ÷ peer, costs peer ÷ ours, so ≥ Nx "
-        "means N times better.  The targets are meant for `maitred` (discarding, like "
+        "means N times better; the verdict is the medians'.  In brackets, with several "
+        "repetitions: the lowest and highest ratio within one repetition (one "
+        "repetition measures every server in turn, so each pair shares the machine's "
+        "state; a verdict that holds across that range does not hang on noise).  "
+        "The targets are meant for `maitred` (discarding, like "
         "the peers); `maitred-nolog` is the same server with its log events dropped "
         "(the peers log nothing per message); `maitred-maildir` writes every message "
         "to disk and is shown for information."

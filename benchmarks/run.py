@@ -146,7 +146,8 @@ def render(
     ]
     for variant in variants:
         lines += report.variant_table(variant, counts, servers, summary, samples)
-    lines += ["### Targets", "", *report.targets_table(variants, servers, summary)]
+    lines += ["### Targets", "", *report.targets_table(
+        variants, servers, summary, report.by_repetition(samples))]
     failed = [s for s in samples if not s.clean]
     if failed:
         lines.append(f"**{len(failed)} measurement(s) had failed transactions.**")

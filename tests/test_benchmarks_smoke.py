@@ -23,3 +23,29 @@ def test_benchmarks_quick() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "maitred" in proc.stdout
+
+
+def test_target_ratio_range_is_paired_by_repetition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bracketed range pairs our server and the peer within each repetition: the
+    medians' ratio here is 2.00x, the paired ratios 1.50x and 3.00x."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+    from scenarios import Sample
+
+    def sample(server: str, repetition: int, cpu: float) -> Sample:
+        return Sample("b/py", server, repetition, metrics={"server_cpu_us_per_msg": cpu})
+
+    samples = [sample("twisted-mail", 1, 300.0), sample("maitred", 1, 200.0),
+               sample("twisted-mail", 2, 600.0), sample("maitred", 2, 200.0),
+               sample("twisted-mail", 3, 400.0)]  # no maitred sample: not paired
+    target = next(t for t in report.targets_for([_Variant("b/py", "messages")])
+                  if t.peer == "twisted-mail" and t.metric == "server_cpu_us_per_msg")
+    summary = report.summarize(samples)
+    reps = report.by_repetition(samples)
+    assert report.evaluate(target, "maitred", summary, reps) == ("2.00x (1.50-3.00)", "MISS")
+    assert report.evaluate(target, "maitred", summary) == ("2.00x", "MISS")
+
+
+class _Variant:
+    def __init__(self, key: str, kind: str) -> None:
+        self.key, self.kind = key, kind
