@@ -58,6 +58,8 @@ class ClassicText:
         if type(when) is not float or not when >= 0 or math.isinf(when):
             return formatTime(when, self._time_format)  # None, an int, odd values
         second = int(when)
+        if when - second >= 0.999999:  # datetime rounds to the microsecond: maybe up
+            return formatTime(when, self._time_format)
         if second != self._second:
             self._stamp = formatTime(when, self._time_format)
             self._second = second

@@ -7,7 +7,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.application.service import Application
 from twisted.logger import (
@@ -93,6 +93,7 @@ def test_same_text_as_twisteds_observer(when: Any) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(min_value=1.7e9, max_value=1.7e9 + 5), min_size=2, max_size=30))
+@example([1700000004.0, 1700000004.9999998])  # datetime rounds this up to :05
 def test_cached_timestamp_follows_the_second(times: list[float]) -> None:
     """One formatter sees many times, as a log does (also out of order, and within
     the same second twice): each line has its own event's second."""
@@ -145,3 +146,14 @@ def test_twistd_maitred_keeps_an_observer_given_by_logger(
     application = Application("maitred")
     service.setServiceParent(application)
     assert application.getComponent(ILogObserver, None) is None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.4999995, 0.5, 0.999998, 0.9999989, 0.999999,
+                                      0.9999994, 0.9999995, 0.9999996, 0.99999999])
+def test_timestamp_near_the_next_second(fraction: float) -> None:
+    """Around the microsecond datetime rounds to, after a cached earlier time."""
+    text = ClassicText()
+    for when in (1_700_000_004.25, 1_700_000_004 + fraction, 1_700_000_005 + fraction):
+        event = {"log_time": when, "log_format": "x", "log_namespace": "n",
+                 "log_level": LogLevel.info}
+        assert text(event) == twisted_text(event), when
