@@ -33,7 +33,7 @@ class Counts:
     large_size: int = 20 * MIB
     idle_connections: int = 2000
     opc_parallel: int = 20
-    opc_per_worker: int = 25
+    opc_per_worker: int = 100  # 2,000 connections: (e) was too short to measure well
     message_size: int = KIB
     deadline_s: float = 120.0
     start_timeout_s: float = 30.0
