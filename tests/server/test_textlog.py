@@ -121,30 +121,30 @@ def test_twistd_observer_writes_where_twistd_would(monkeypatch: pytest.MonkeyPat
     assert out.getvalue() == twisted_text(event)
 
 
+def _twistd_application(argv: list[str]) -> Application:
+    """The application twistd builds for ``twistd ARGV`` (the service not started)."""
+    config = ServerOptions()
+    config.parseOptions(argv)
+    application = Application("maitred")
+    tap.makeService(config.subOptions).setServiceParent(application)
+    return application
+
+
 def test_twistd_maitred_gives_the_application_its_observer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("sys.stdout", io.StringIO())
-    config = ServerOptions()
-    config.parseOptions(["-n", "--pidfile=", "maitred", "--listen",
-                         "tcp:0:interface=127.0.0.1", "--delivery", "discard"])
-    service = tap.makeService(config.subOptions)
-    application = Application("maitred")
-    service.setServiceParent(application)
+    application = _twistd_application(["-n", "--pidfile=", "maitred", "--listen",
+                                       "tcp:0:interface=127.0.0.1", "--delivery", "discard"])
     observer = application.getComponent(ILogObserver)
     assert type(observer) is FileLogObserver
     assert isinstance(observer.formatEvent, ClassicText)
 
 
-def test_twistd_maitred_keeps_an_observer_given_by_logger(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    config = ServerOptions()
-    config.parseOptions(["-n", "--pidfile=", "--logger", "twisted.logger.LogPublisher",
-                         "maitred", "--listen", "tcp:0:interface=127.0.0.1"])
-    service = tap.makeService(config.subOptions)
-    application = Application("maitred")
-    service.setServiceParent(application)
+def test_twistd_maitred_keeps_an_observer_given_by_logger() -> None:
+    application = _twistd_application(
+        ["-n", "--pidfile=", "--logger", "twisted.logger.LogPublisher", "maitred",
+         "--listen", "tcp:0:interface=127.0.0.1"])
     assert application.getComponent(ILogObserver, None) is None
 
 
