@@ -26,11 +26,10 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
+from maitred_tx.server.protocol import SUMMARY_FORMAT
+
 __all__ = ["ClassicText", "twistd_observer"]
 
-# maitred_tx's per-message and per-session events carry their text as one callable
-# field (server/protocol.py: building it costs only when an observer formats it).
-_SUMMARY_FORMAT = "{summary()}"
 
 
 class ClassicText:
@@ -69,7 +68,7 @@ class ClassicText:
 def _text(event: LogEvent) -> str:
     """``formatEvent(event)``, calling our own events' text field directly rather than
     through Twisted's format-string machinery (~9 us)."""
-    if event.get("log_format") == _SUMMARY_FORMAT and "log_flattened" not in event:
+    if event.get("log_format") == SUMMARY_FORMAT and "log_flattened" not in event:
         summary = event.get("summary")
         if callable(summary):
             try:

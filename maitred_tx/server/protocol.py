@@ -59,7 +59,7 @@ from maitred_tx.smtp.session import ServerSession
 if TYPE_CHECKING:
     from maitred_tx.server.factory import SMTPFactory
 
-__all__ = ["SMTPServerProtocol"]
+__all__ = ["SUMMARY_FORMAT", "SMTPServerProtocol"]
 
 _log = Logger()
 _READ_SIZE = 256 * 1024
@@ -71,6 +71,9 @@ _AUTH_DELAYS = (1.0, 2.0, 4.0, 8.0)
 # The transport _write may send on directly: the accepted plain TCP connection, whose
 # write() and buffers are Twisted's own (a subclass could change either).
 _TCP_SERVER = tcp.Server
+# The log_format of the per-message and end-of-session events: their text is one field,
+# built only when an observer formats the event (maitred_tx.textlog calls it directly).
+SUMMARY_FORMAT = "{summary()}"
 
 
 class SMTPServerProtocol(Protocol):
@@ -168,7 +171,7 @@ class SMTPServerProtocol(Protocol):
             duration = time.monotonic() - self._started
             errors = self.session.errors if self.session else 0
             _emit_info(  # as the per-message event: one lazily built text field
-                "{summary()}",
+                SUMMARY_FORMAT,
                 summary=partial(_session_summary, ctx.peer_host, ctx.session_id, duration,
                                 self.messages, errors),
                 peer=ctx.peer_host,
@@ -574,7 +577,7 @@ class SMTPServerProtocol(Protocol):
             # One field for the text, built only if an observer formats the event:
             # Twisted's formatter costs ~3 us per field, and the text is the same as
             # "{peer} message {message_id} from <{sender}> to {recipients}: {code} {status}".
-            "{summary()}",
+            SUMMARY_FORMAT,
             summary=partial(
                 _message_summary, context.peer_host, self._message_id, sender, recipients,
                 code, status, auth,
@@ -667,8 +670,6 @@ def _emit_info(format: str, **fields: object) -> None:
         log_time=time.time(),
     )
     _log.observer(fields)
-
-
 
 
 # Which method handles which event: one dictionary lookup per event.

@@ -199,8 +199,9 @@ def parse_forward_path(path: str, *, smtputf8: bool) -> Mailbox:
 # Groups: the local part, the domain as sent.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOT_ATOM: Final = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")  # an ASCII Dot-string
-PLAIN_PATH: Final = rf"<({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})*\.?)>"
+_DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"  # an ASCII Dot-string
+_DOT_ATOM: Final = re.compile(_DOT_STRING)
+PLAIN_PATH: Final = rf"<({_DOT_STRING})@({_LABEL}(?:\.{_LABEL})*\.?)>"
 _PLAIN_PATH: Final = re.compile(PLAIN_PATH)
 
 
@@ -275,8 +276,8 @@ def plain_mailbox(local_part: str, domain: str) -> Mailbox:
 def _parse_path(path: str) -> Mailbox:
     """RFC 5321 4.1.2 Path = "<" [ A-d-l ":" ] Mailbox ">"."""
     fast = _PLAIN_PATH.fullmatch(path)
-    if fast is not None and len(path) <= MAX_PATH_OCTETS:
-        return Mailbox(fast.group(1), normalize_domain(fast.group(2)), False, False, False)
+    if fast is not None:
+        return plain_mailbox(fast.group(1), fast.group(2))  # checks the length too
     if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_OCTETS:  # RFC 5321 4.5.3.1.3
         raise AddressError("path too long")
     if not (path.startswith("<") and path.endswith(">")) or len(path) < 2:

@@ -1,15 +1,16 @@
 """Message body receivers: DATA (RFC 5321 4.1.1.4, 4.5.2) and BDAT chunks (RFC 3030).
 
-The body is never handled line by line.  ``DataReceiver`` treats each buffer with two
-C-level passes — ``bytes.find`` for the end marker, ``bytes.replace`` of ``CRLF "."``
-(the only place where a line start matters) for dot-unstuffing — and passes the whole
-buffer on as one piece, so the Python work per buffer does not grow with the number
-of lines or of dot lines.  Only the exact sequence CRLF "." CRLF ends DATA (4.1.1.4); a
-bare CR or LF never does, whatever the bare-line-ending policy says, which closes the
-SMTP smuggling family (CVE-2023-51764 and kin).
+The body is never handled line by line.  ``DataReceiver`` treats each buffer with
+C-level passes — ``bytes.find`` for the end marker, ``bytes.split`` on ``CRLF "."``
+(the only place where a line start matters) and a join for dot-unstuffing — and
+passes the whole buffer on as one piece, so the Python work per buffer does not grow
+with the number of lines or of dot lines.  Only the exact sequence CRLF "." CRLF ends
+DATA (4.1.1.4); a bare CR or LF never does, whatever the bare-line-ending policy says,
+which closes the SMTP smuggling family (CVE-2023-51764 and kin).
 
 ``ContentChecker`` enforces the content limits on the content as stored (bare line
-endings, text line length, header block size) with whole-buffer operations too.  Once
+endings, text line length, header block size) with whole-buffer operations too (for
+DATA one ``splitlines()``, whose line lengths C code sums and compares).  Once
 a limit is broken the receivers keep consuming — the end of the message must still be
 found — but pass nothing on, and the session answers with the recorded reply at the end.
 """
@@ -29,8 +30,6 @@ _LINE_DOT: Final = b"\r\n."  # a line starting with a dot (4.5.2: the dot is dro
 _CRLF: Final = b"\r\n"
 # Every byte but NUL, CR and LF, for the bare-line-ending and NUL check (_check_bare).
 _NOT_CRLF_NUL: Final = bytes(b for b in range(256) if b not in (0, 10, 13))
-# Long-line probe step: a line of >= 2*step-1 octets without LF contains a whole
-# aligned block of *step* octets without LF, so only those blocks need a closer look.
 _EMPTY: Final = b""
 
 
@@ -66,6 +65,9 @@ class ContentChecker:
         self._check_lines = text and lines
         # Longest allowed line content, CR included, LF excluded (RFC 5321 4.5.3.1.6).
         self._max_line = limits.max_text_line - 1
+        # Long-line probe step (_has_long_line): a line of >= 2*step-1 octets without LF
+        # contains a whole aligned block of *step* octets without LF, so only those
+        # blocks need a closer look.
         self._block = max(1, (self._max_line + 1) // 2)
         self._max_header = limits.max_header_block
         self.error: Reply | None = None
@@ -268,7 +270,7 @@ class DataReceiver:
         # replace(): replace() counts the matches in a pass of its own before copying,
         # and measured 1.7x slower on a body with a dotted line in sixteen.
         piece = _CRLF.join((buf if cut == len(buf) else buf[:cut]).split(_LINE_DOT))
-        skip = min(self._skip, cut)  # the CRLF is unchanged by the replace
+        skip = min(self._skip, cut)  # the CRLF is unchanged by the unstuffing
         if skip:
             self._skip -= skip
             piece = piece[skip:]

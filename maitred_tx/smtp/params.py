@@ -122,7 +122,7 @@ class RcptParams:
 def parse_mail_params(text: str) -> MailParams:
     """Parse the parameter text of MAIL FROM (may be empty)."""
     if not text:
-        return _NO_MAIL_PARAMS  # the usual case; the value is immutable, so shared
+        return NO_MAIL_PARAMS  # the usual case; the value is immutable, so shared
     raw = _collect(text, _MAIL_KEYWORDS)
     return MailParams(
         size=_convert(raw, "SIZE", _size),
@@ -137,7 +137,7 @@ def parse_mail_params(text: str) -> MailParams:
 def parse_rcpt_params(text: str) -> RcptParams:
     """Parse the parameter text of RCPT TO (may be empty)."""
     if not text:
-        return _NO_RCPT_PARAMS
+        return NO_RCPT_PARAMS
     raw = _collect(text, _RCPT_KEYWORDS)
     return RcptParams(
         notify=_convert(raw, "NOTIFY", _notify),
@@ -148,8 +148,6 @@ def parse_rcpt_params(text: str) -> RcptParams:
 # No parameters given: the usual case.  The values are immutable, so one each is shared.
 NO_MAIL_PARAMS: Final = MailParams()
 NO_RCPT_PARAMS: Final = RcptParams()
-_NO_MAIL_PARAMS: Final = NO_MAIL_PARAMS
-_NO_RCPT_PARAMS: Final = NO_RCPT_PARAMS
 _MAIL_KEYWORDS: Final = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID", "AUTH"})
 _RCPT_KEYWORDS: Final = frozenset({"NOTIFY", "ORCPT"})
 

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
 from maitred_tx import tap
-from maitred_tx.server.protocol import _message_summary, _session_summary
+from maitred_tx.server.protocol import SUMMARY_FORMAT, _message_summary, _session_summary
 from maitred_tx.textlog import ClassicText, twistd_observer
 
 
@@ -48,14 +48,14 @@ def events(when: Any) -> list[dict[str, Any]]:
     base = {"log_time": when, "log_namespace": "maitred_tx.server.protocol",
             "log_level": LogLevel.info}
     return [
-        {**base, "log_format": "{summary()}", "summary": partial(
+        {**base, "log_format": SUMMARY_FORMAT, "summary": partial(
             _message_summary, "127.0.0.1", "ID1", "a@b.example", ["c@d.example"], 250,
             "2.0.0", "spf=pass dkim=none arc=none dmarc=pass")},
-        {**base, "log_format": "{summary()}",
+        {**base, "log_format": SUMMARY_FORMAT,
          "summary": partial(_session_summary, "::1", "ID2", 0.25, 3, 1)},
-        {**base, "log_format": "{summary()}", "summary": _raises},  # unformattable
-        {**base, "log_format": "{summary()}", "summary": lambda: 42},  # not a str
-        {**base, "log_format": "{summary()}", "summary": "not callable"},
+        {**base, "log_format": SUMMARY_FORMAT, "summary": _raises},  # unformattable
+        {**base, "log_format": SUMMARY_FORMAT, "summary": lambda: 42},  # not a str
+        {**base, "log_format": SUMMARY_FORMAT, "summary": "not callable"},
         {**base, "log_format": "{peer} refused: {limit} limit", "peer": "10.0.0.1",
          "limit": "rate"},
         {**base, "log_format": "two\nlines {x}", "x": "and\nthree"},
