@@ -251,6 +251,14 @@ def start_dnsmasq(port: int, records: tuple[tuple[str, str], ...], ttl: int
     return proc
 
 
+def _stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime from a /proc stat file, in seconds."""
+    raw = stat.read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 class ServerError(Exception):
     """A server did not start, or died while being measured."""
 
@@ -357,18 +365,13 @@ class RunningServer:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the server process (all its threads), in seconds."""
-        raw = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = raw[raw.rindex(")") + 2 :].split()
-        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return _stat_cpu_seconds(Path(f"/proc/{self.pid}/stat"))
 
     def main_thread_cpu_seconds(self) -> float:
         """utime + stime of the server's main thread alone (its TID is the PID): the
         event loop's thread, so the work other threads (maitred's checks) take off it
         shows as the difference from ``cpu_seconds``."""
-        raw = Path(f"/proc/{self.pid}/task/{self.pid}/stat").read_text()
-        fields = raw[raw.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return _stat_cpu_seconds(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
 
     def status_kib(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
