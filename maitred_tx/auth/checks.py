@@ -34,7 +34,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
-from inspect import isawaitable
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -55,6 +54,7 @@ from maitred_tx.auth.verdicts import (
 from maitred_tx.envelope import Envelope
 from maitred_tx.interfaces import IMessageSink
 from maitred_tx.outcomes import Outcome, PermanentFailure, TemporaryFailure
+from maitred_tx.server.calls import is_later
 from maitred_tx.smtp.config import AuthChecks
 from maitred_tx.smtp.replies import Reply
 
@@ -82,16 +82,9 @@ def _outcome(reply: Reply) -> Outcome:
     return PermanentFailure(text, reply.code, reply.status)
 
 
-def _later(value: Any) -> bool:
-    """Whether a delivery's answer is still to come (a Deferred or an awaitable)."""
-    return isinstance(value, Deferred) or isawaitable(value)
-
-
 async def _settled(value: Any) -> Any:
     """``value``, or what it resolves to when it is a Deferred or an awaitable."""
-    if isinstance(value, Deferred) or isawaitable(value):
-        return await value
-    return value
+    return await value if is_later(value) else value
 
 
 class Spool:
@@ -273,10 +266,17 @@ class CheckingSink:
             )
         else:
             self.auth = results  # the glue logs it with the message's outcome
+            spf_bug = results.spf_helo.error if results.spf_helo is not None else None
+            if spf_bug is not None:
+                _log.error(
+                    "{peer} message {message_id}: SPF check failed: temperror\n{error}",
+                    peer=session.peer_host, session_id=session.session_id,
+                    message_id=self.envelope.message_id, error=spf_bug,
+                )
             if verdict.refusal is not None:
                 return _outcome(verdict.refusal)
         sink = self._open(replace(self.envelope, auth=results))
-        if _later(sink) or self._spool.size - verdict.offset > _REPLAY_CHUNK:
+        if is_later(sink) or self._spool.size - verdict.offset > _REPLAY_CHUNK:
             return ensureDeferred(self._deliver_later(sink, verdict))
         spool = self._spool
         try:
@@ -284,9 +284,10 @@ class CheckingSink:
         except BaseException:
             sink.abort()
             raise
-        if _later(written):
+        if is_later(written):
             return ensureDeferred(self._close_later(sink, written))
-        return sink.close()
+        closed = sink.close()  # may be a coroutine (async def close): awaited, not returned
+        return ensureDeferred(_settled(closed)) if is_later(closed) else closed
 
     async def _deliver_later(self, opened: Any, verdict: Verdict) -> Any:
         sink = await _settled(opened)
@@ -313,7 +314,7 @@ class CheckingSink:
         chunk, unpaused = prefix, 0
         while chunk:
             result = sink.write(chunk)
-            if isinstance(result, Deferred) or isawaitable(result):
+            if is_later(result):
                 await result  # back-pressure: the delivery is not ready for more
                 unpaused = 0
             else:

@@ -59,6 +59,9 @@ class SPFVerdict:
     explanation: str | None = None
     mechanism: str | None = None
     reason: str | None = None
+    # The traceback when a bug, not the DNS, made this a temperror: for the glue to log
+    # (this module does no logging).  Not part of the verdict's value.
+    error: str | None = field(default=None, compare=False, repr=False)
 
 
 class _PermError(Exception):

@@ -162,13 +162,14 @@ async def check_spf(
         async with asyncio.timeout(timeout):
             return await spf.check(resolver, ip, mail_from, helo, receiver=receiver)
     except TimeoutError:
-        reason = f"SPF evaluation took longer than {timeout:g}s"
+        reason, error = f"SPF evaluation took longer than {timeout:g}s", None
     except Exception as exc:  # a bug must not lose the message: temperror, reason kept
         reason = f"SPF evaluation failed: {type(exc).__name__}: {exc}"
+        error = traceback.format_exc()  # the glue logs it (checks.CheckingSink)
     domain = mail_from.rpartition("@")[2] if mail_from else helo
     temp = spf.SPFResult.TEMPERROR
-    return (spf.SPFVerdict(temp, "helo", helo, reason=reason),
-            spf.SPFVerdict(temp, "mailfrom", domain, reason=reason))
+    return (spf.SPFVerdict(temp, "helo", helo, reason=reason, error=error),
+            spf.SPFVerdict(temp, "mailfrom", domain, reason=reason, error=error))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python.failure import Failure
 
-__all__ = ["Eventually", "is_deferred", "settle", "then"]
+__all__ = ["Eventually", "is_deferred", "is_later", "settle", "then"]
 
 _T = TypeVar("_T")
 Eventually: TypeAlias = "_T | Deferred[_T]"  # a value now, or later
@@ -40,6 +40,12 @@ def _may_be_later(cls: type) -> bool:
 def is_deferred(value: object) -> bool:
     """``isinstance(value, Deferred)``, without the ABC check for plain values."""
     return _may_be_later(type(value)) and isinstance(value, Deferred)
+
+
+def is_later(value: object) -> bool:
+    """Whether *value* is an answer still to come (a Deferred or an awaitable), without
+    the ABC checks for plain values."""
+    return _may_be_later(type(value)) and (isinstance(value, Deferred) or isawaitable(value))
 
 
 def then(

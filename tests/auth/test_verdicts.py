@@ -262,6 +262,7 @@ def test_spf_past_its_time_limit_is_temperror_for_both_identities() -> None:
     assert (helo.result, mailfrom.result) == (SPFResult.TEMPERROR, SPFResult.TEMPERROR)
     assert (helo.domain, mailfrom.domain) == ("client.test", "pass.test")
     assert mailfrom.reason == "SPF evaluation took longer than 0.05s"
+    assert mailfrom.error is None  # a timeout is no bug: nothing to log
 
 
 def test_spf_bug_is_temperror_with_the_reason() -> None:
@@ -272,6 +273,9 @@ def test_spf_bug_is_temperror_with_the_reason() -> None:
     _helo, mailfrom = run(check_spf(Broken(), IP, None, "client.test", receiver="mx.test"))
     assert mailfrom.result is SPFResult.TEMPERROR and mailfrom.domain == "client.test"
     assert mailfrom.reason is not None and "KeyError" in mailfrom.reason
+    # The traceback rides along for the glue to log (this module logs nothing).
+    assert mailfrom.error is not None and "Traceback" in mailfrom.error
+    assert _helo.error == mailfrom.error
 
 
 def test_spf_pass_for_both_identities() -> None:
