@@ -23,7 +23,7 @@ from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.smtp.config import Config
 
-__all__ = ["AUTH_THREADS", "DEFAULT_DNS_TIMEOUT", "DEFAULT_LISTEN", "SMTPService"]
+__all__ = ["DEFAULT_DNS_TIMEOUT", "DEFAULT_LISTEN", "SMTPService"]
 
 # Loopback only by default: exposing a mail server is a decision, not an accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
@@ -32,9 +32,6 @@ DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
 # temperror verdicts quickly instead of holding every message; OpenDKIM's DNSTimeout
 # is 10 s, and a recursive resolver that needs more has failed for this message anyway.
 DEFAULT_DNS_TIMEOUT = 5.0
-# Threads for dkimpy's CPU work (see maitred_tx.auth.checks.AuthChecker): the machines
-# we measure on have 2 cores, and CPU-bound work gains nothing from more.
-AUTH_THREADS = 2
 # Endpoint types whose connections can be upgraded with STARTTLS.
 _STARTTLS_ENDPOINTS = ("tcp:", "tcp6:")
 
@@ -125,7 +122,7 @@ class SMTPService(MultiService):
                 from maitred_tx.auth.dns import TwistedResolver
 
                 self.resolver = TwistedResolver(self.reactor, self.dns_servers, self.dns_timeout)
-            self.checker = AuthChecker(self.reactor, self.resolver, cpu_threads=AUTH_THREADS)
+            self.checker = AuthChecker(self.reactor, self.resolver)  # offthread.CPU_THREADS
             _CheckerService(self.checker).setServiceParent(self)
         return self.checker
 
@@ -137,9 +134,11 @@ class SMTPService(MultiService):
 
 
 # Arguments of Twisted's ssl: server endpoint that only configure its own TLS context.
-_SSL_ONLY_ARGS = frozenset(
-    {"privatekey", "certkey", "extracertchain", "sslmethod", "method", "dhparameters"}
-)
+_SSL_ONLY_ARGS = frozenset({"privatekey", "certkey", "extracertchain", "sslmethod",
+                            "dhparameters"})
+# Its positional arguments after the port, in order (twisted.internet.endpoints
+# _parseSSL): ssl:465:server.pem is privateKey=server.pem, not an interface.
+_SSL_POSITIONAL = ("privateKey", "certKey", "sslmethod", "interface", "backlog")
 
 
 def implicit_tls_as_tcp(description: str) -> str | None:
@@ -162,8 +161,20 @@ def implicit_tls_as_tcp(description: str) -> str | None:
     parts.append(current)
     if parts[0] != "ssl":
         return None
-    kept = [p for p in parts[1:] if p.partition("=")[0].lower() not in _SSL_ONLY_ARGS
-            or "=" not in p]
+    named, positional = [], 0
+    for part in parts[1:]:
+        if "=" in part:
+            named.append(part)
+            continue
+        # Positional: the port first, then in _SSL_POSITIONAL's order.
+        if positional == 0:
+            named.append(part)
+        elif positional <= len(_SSL_POSITIONAL):
+            named.append(f"{_SSL_POSITIONAL[positional - 1]}={part}")
+        else:
+            named.append(part)  # too many: left for Twisted's parser to refuse
+        positional += 1
+    kept = [p for p in named if p.partition("=")[0].lower() not in _SSL_ONLY_ARGS]
     return ":".join(["tcp", *kept])
 
 

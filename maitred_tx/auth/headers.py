@@ -23,11 +23,13 @@ __all__ = ["HeaderField", "from_domains", "header_end", "iter_fields", "split_me
 # RFC 5322 2.2: field-name = 1*ftext, ftext = %d33-57 / %d59-126; obs-optional (4.5.8)
 # allows WSP between the name and the colon.
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-# RFC 5322 2.2.3: unfolding removes a CRLF (we also accept a bare LF) before WSP.
+# Where a field starts: after a line feed, at a line that does not begin with WSP (a
+# line that does continues the field before it, RFC 5322 2.2.3).
 _FIELD_BREAK = re.compile(rb"(?<=\n)(?=[^ \t])")
 # The name of a From field (lower-cased), right after a line feed or at the start of
 # the block: such a line is never a continuation, as in iter_fields (see from_values).
 _FROM_NAME = re.compile(rb"from[ \t]*:")
+# RFC 5322 2.2.3: unfolding removes a CRLF (we also accept a bare LF) before WSP.
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 

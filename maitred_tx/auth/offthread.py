@@ -4,7 +4,8 @@ SPF and DMARC evaluation, DKIM/ARC header parsing and the Authentication-Results
 are Python work of a few hundred microseconds per message; on the reactor thread it
 would hold up every session (issue 5 allows the checks one thread-pool hop per message
 there).  So the reactor thread only hands a message over (``submit``) and takes the
-verdict back (``deferred``), one ``callFromThread`` each way.
+verdict back (the Deferred ``submit`` returned): one wake-up each way, batched
+(``call_soon_threadsafe`` into the loop, ``callFromThread`` back to the reactor).
 
 DNS stays twisted.names on the reactor: ``BridgedResolver`` answers from the
 resolver's own TTL cache in the checks thread when it can (``TwistedResolver.cached``,

@@ -213,6 +213,11 @@ def test_ssl_descriptions_become_tcp_for_our_context():
     ) == "tcp:465:interface=127.0.0.1"
     assert implicit_tls_as_tcp("ssl:port=465:interface=\\:\\:1:backlog=9") == (
         "tcp:port=465:interface=\\:\\:1:backlog=9")
+    # Positional arguments are the ssl: endpoint's: privateKey, certKey, sslmethod,
+    # then interface and backlog, which tcp: takes by name.
+    assert implicit_tls_as_tcp("ssl:465:server.pem") == "tcp:465"
+    assert implicit_tls_as_tcp("ssl:465:k.pem:c.pem:SSLv23_METHOD:127.0.0.1:9") == (
+        "tcp:465:interface=127.0.0.1:backlog=9")
     assert implicit_tls_as_tcp("tcp:25") is None
     assert implicit_tls_as_tcp("unix:/run/x.sock") is None
 
