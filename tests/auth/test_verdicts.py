@@ -285,8 +285,10 @@ def test_spf_pass_for_both_identities() -> None:
     assert mailfrom.mechanism == "ip4:192.0.2.0/24"
 
 
-def test_spf_runs_beside_dkim_for_a_signed_message(ed_key) -> None:
-    """The real SPF request, through the zone, next to a DKIM verification."""
+def test_spf_and_dkim_verdicts_of_a_signed_message(ed_key) -> None:
+    """The real SPF request, through the zone, and a DKIM verification of the same
+    message: both verdicts arrive (the zone answers at once, so this shows nothing
+    about whether they overlap; test_offthread covers where the work runs)."""
     seed, txt = ed_key
     plain = message("alice@pass.test")
     msg = bytes(dkim.sign(plain, b"ed", b"pass.test", seed,
