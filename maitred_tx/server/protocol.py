@@ -94,8 +94,14 @@ class SMTPServerProtocol(Protocol):
         self._message_id = ""
         self._txn: Transaction | None = None  # the transaction whose body is open
         self._message_started = 0.0
-        self._idle: IDelayedCall | None = None
-        self._deadline: IDelayedCall | None = None
+        # One timer per connection for both the idle timeout and the session deadline;
+        # see _arm_idle.
+        self._timer: IDelayedCall | None = None
+        self._timer_at = 0.0  # when it fires
+        self._active_at = 0.0  # the peer's last read
+        self._deadline_at = 0.0
+        self._command_timeout = config.limits.command_timeout
+        self._data_timeout = config.limits.data_timeout
         self._started = 0.0
         self.messages = 0
         self._client = ""  # the real client address, for the per-client limits
@@ -140,8 +146,7 @@ class SMTPServerProtocol(Protocol):
         if self.factory.portal is not None:
             d = authn.anonymous_login(self.factory.portal)
             d.addCallback(self._anonymous_avatar)
-        limits = self.config.limits
-        self._deadline = self._clock.callLater(limits.session_deadline, self._expired)
+        self._deadline_at = self._clock.seconds() + self.config.limits.session_deadline
         self._arm_idle()
         self._drive()
 
@@ -159,10 +164,9 @@ class SMTPServerProtocol(Protocol):
             self._arm_idle()  # after _drive: DATA may have opened the sink (data_timeout)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        for call in (self._idle, self._deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._idle = self._deadline = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self.session is not None:
             self.session.connection_lost()
             self._drain_events()
@@ -270,13 +274,38 @@ class SMTPServerProtocol(Protocol):
     # --- timers ------------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        timeout = self.config.limits.command_timeout
-        if self._sink is not None:
-            timeout = self.config.limits.data_timeout
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(timeout)
-        else:
-            self._idle = self._clock.callLater(timeout, self._timed_out)
+        """The peer was active: the idle timeout counts from now.
+
+        Moving a DelayedCall on every read (and a second one for the session deadline)
+        cost more than the rest of a small command's handling; so there is one timer,
+        and a read only notes the time.  The timer is moved only to fire sooner (the
+        idle timeout of the new state is shorter); when it fires it looks at the last
+        read and the deadline (_on_timer), and sleeps on if neither is due."""
+        now = self._clock.seconds()
+        self._active_at = now
+        due = now + (self._command_timeout if self._sink is None else self._data_timeout)
+        if due > self._deadline_at:
+            due = self._deadline_at
+        timer = self._timer
+        if timer is None:
+            self._timer, self._timer_at = self._clock.callLater(due - now, self._on_timer), due
+        elif due < self._timer_at:
+            timer.reset(due - now)
+            self._timer_at = due
+
+    def _on_timer(self) -> None:
+        now = self._clock.seconds()
+        self._timer = None
+        if now >= self._deadline_at:
+            self._expired()
+            return
+        timeout = self._command_timeout if self._sink is None else self._data_timeout
+        idle_due = self._active_at + timeout
+        if now >= idle_due:
+            self._timed_out()
+            return
+        due = min(idle_due, self._deadline_at)
+        self._timer, self._timer_at = self._clock.callLater(due - now, self._on_timer), due
 
     def _timed_out(self) -> None:
         if self.session is not None:
@@ -638,17 +667,24 @@ def _write(transport: Any, data: bytes) -> None:
     bytes, their order and their timing relative to later writes are unchanged: when
     the socket takes all of them nothing is left to queue, otherwise (a full socket
     buffer, or an error for the reactor to report) the rest goes the usual way."""
-    # getattr with defaults that mean "queue it": these are Twisted's internals (26.10),
-    # and a Twisted without one of them must fall back, not fail.
-    if (
-        type(transport) is _TCP_SERVER
-        and getattr(transport, "TLS", True) is False
-        and getattr(transport, "connected", False)
-        and not getattr(transport, "disconnecting", True)
-        and not getattr(transport, "_writeDisconnected", True)
-        and not getattr(transport, "dataBuffer", True)
-        and not getattr(transport, "_tempDataLen", True)
-    ):
+    if type(transport) is _TCP_SERVER:
+        # Twisted's internals (26.10): a Twisted without one of them must fall back to
+        # queueing, not fail.  (Read directly: getattr with a default costs twice as
+        # much, on every reply.)
+        try:
+            plain = (
+                transport.TLS is False
+                and transport.connected
+                and not transport.disconnecting
+                and not transport._writeDisconnected
+                and not transport.dataBuffer
+                and not transport._tempDataLen
+            )
+        except AttributeError:
+            plain = False
+    else:
+        plain = False
+    if plain:
         sent = transport.writeSomeData(data)
         if type(sent) is int and sent > 0:
             if sent == len(data):

@@ -293,6 +293,8 @@ def test_idle_timeout_answers_421_and_closes() -> None:
     assert wire.codes(b"NOOP\r\n") == [(250, "2.0.0")]
     wire.clock.advance(299)  # the NOOP restarted the timer
     assert wire.replies() == [] and wire.connected
+    # One timer for the idle timeout and the session deadline, however busy.
+    assert len(wire.clock.getDelayedCalls()) == 1
     wire.clock.advance(1)
     assert wire.replies() == [(421, "4.4.2", "mx.test Timeout, closing connection")]
     assert not wire.connected
