@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from scenarios import Counts, Sample, Variant
-from serverproc import PEERS
+from serverproc import PEERS, REFERENCES
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +265,7 @@ def targets_table(
     variants: Sequence[Variant], servers: Sequence[str], summary: Summary,
     reps: Repetitions | None = None,
 ) -> list[str]:
-    ours = [s for s in servers if s not in PEERS]
+    ours = [s for s in servers if s not in PEERS and s not in REFERENCES]
     if not ours:
         return ["_No maitred_tx server was measured: targets not evaluated._", ""]
     rows = [["target", "required", *(f"{s} measured" for s in ours), *ours]]
@@ -284,7 +284,30 @@ def targets_table(
         "(the peers log nothing per message); `maitred-maildir` writes every message "
         "to disk and is shown for information."
     )
-    return [legend, "", *_table(rows), ""]
+    return [legend, "", *_table(rows), "", *floor_lines(servers, summary)]
+
+
+def floor_lines(servers: Sequence[str], summary: Summary) -> list[str]:
+    """(b)'s CPU per message above the floor (servers/twisted_floor_server.py): what the
+    2.5x target leaves for the SMTP work itself, and what each of ours spends on it."""
+    metric, lines = "server_cpu_us_per_msg", []
+    for key in ("b/py", "b/smtp-source"):
+        floor = summary.get((key, REFERENCES[0]), {}).get(metric)
+        peer = summary.get((key, "twisted-mail"), {}).get(metric)
+        if floor is None or peer is None:
+            continue
+        ours = [
+            f"{s} {stat.median - floor.median:.0f}"
+            for s in servers
+            if s not in PEERS and s not in REFERENCES
+            and (stat := summary.get((key, s), {}).get(metric)) is not None
+        ]
+        lines.append(
+            f"- ({key}) floor {floor.median:.0f} µs/msg; twisted-mail ÷ 2.5 = "
+            f"{peer.median / 2.5:.0f} µs/msg leaves {peer.median / 2.5 - floor.median:.0f} µs "
+            f"above the floor; spent above it: {', '.join(ours) or 'nothing measured'} µs"
+        )
+    return [*lines, ""] if lines else []
 
 
 # --------------------------------------------------------------------------- machine

@@ -121,6 +121,13 @@ SERVERS: dict[str, ServerSpec] = {
             prints_ready=True,
         ),
         ServerSpec(
+            "twisted-floor",
+            "reference, not a peer: a Twisted protocol that parses only verbs and the end "
+            "of data (the least a Twisted server spends)",
+            _script("twisted_floor_server.py"),
+            prints_ready=True,
+        ),
+        ServerSpec(
             "maitred",
             "maitred_tx via twistd, --delivery discard",
             _maitred("--delivery", "discard", NO_CHECKS),
@@ -171,6 +178,8 @@ SERVERS: dict[str, ServerSpec] = {
     )
 }
 PEERS = ("aiosmtpd", "twisted-mail")
+# Measured for comparison, judged by no target: see servers/twisted_floor_server.py.
+REFERENCES = ("twisted-floor",)
 
 
 def child_env() -> dict[str, str]:

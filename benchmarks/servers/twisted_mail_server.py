@@ -81,14 +81,15 @@ class DeliveryFactory(smtp.SMTPFactory):
         return proto
 
 
-def main() -> None:
+def main(make_factory: Callable[[Counter], Any] = DeliveryFactory) -> None:
+    """Serve on 127.0.0.1 (also for twisted_floor_server.py, the reference)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--stats", type=Path, default=None)
     args = parser.parse_args()
     counter = Counter()
     tcp: Any = reactor  # the global reactor's type is opaque to mypy
-    tcp.listenTCP(args.port, DeliveryFactory(counter), backlog=1024, interface="127.0.0.1")
+    tcp.listenTCP(args.port, make_factory(counter), backlog=1024, interface="127.0.0.1")
 
     stopping = False
 
