@@ -174,17 +174,16 @@ class SMTPServerProtocol(Protocol):
             ctx = self.policy.context
             duration = time.monotonic() - self._started
             errors = self.session.errors if self.session else 0
-            _emit_info(  # as the per-message event: one lazily built text field
-                SUMMARY_FORMAT,
-                summary=partial(_session_summary, ctx.peer_host, ctx.session_id, duration,
-                                self.messages, errors),
-                peer=ctx.peer_host,
-                session_id=ctx.session_id,
-                duration=duration,
-                messages=self.messages,
-                errors=errors,
-                helo=ctx.helo,
-            )
+            _emit_info({  # as the per-message event: one lazily built text field
+                "summary": partial(_session_summary, ctx.peer_host, ctx.session_id,
+                                   duration, self.messages, errors),
+                "peer": ctx.peer_host,
+                "session_id": ctx.session_id,
+                "duration": duration,
+                "messages": self.messages,
+                "errors": errors,
+                "helo": ctx.helo,
+            })
         if self._counted:
             self.factory.limiter.connection_closed(self._client)
         if self._login is not None:
@@ -602,26 +601,25 @@ class SMTPServerProtocol(Protocol):
         sender = "" if txn is None or txn.sender is None else str(txn.sender)
         recipients = [str(m) for m, _ in txn.recipients] if txn else []
         code, status = (reply.code, reply.status) if reply else (0, "aborted")
-        _emit_info(
+        _emit_info({
             # One field for the text, built only if an observer formats the event:
             # Twisted's formatter costs ~3 us per field, and the text is the same as
             # "{peer} message {message_id} from <{sender}> to {recipients}: {code} {status}".
-            SUMMARY_FORMAT,
-            summary=partial(
+            "summary": partial(
                 _message_summary, context.peer_host, self._message_id, sender, recipients,
                 code, status, auth,
             ),
-            peer=context.peer_host,
-            session_id=context.session_id,
-            message_id=self._message_id,
-            sender=sender,
-            recipients=recipients,
-            size=size,
-            code=code,
-            status=status,
-            auth=auth,
-            duration=time.monotonic() - self._message_started,
-        )
+            "peer": context.peer_host,
+            "session_id": context.session_id,
+            "message_id": self._message_id,
+            "sender": sender,
+            "recipients": recipients,
+            "size": size,
+            "code": code,
+            "status": status,
+            "auth": auth,
+            "duration": time.monotonic() - self._message_started,
+        })
 
 
 def _message_summary(
@@ -693,19 +691,18 @@ def _write(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def _emit_info(format: str, **fields: object) -> None:
-    """``_log.info(format, **fields)`` for the per-message event: the same event, without
-    Logger.emit's check of the level (constantly sorts every level on each call, a few
-    microseconds per message).  The keys are those Logger.emit adds."""
-    fields.update(
-        log_logger=_log,
-        log_level=LogLevel.info,
-        log_namespace=_log.namespace,
-        log_source=_log.source,
-        log_format=format,
-        log_time=time.time(),
-    )
-    _log.observer(fields)
+def _emit_info(event: dict[str, object]) -> None:
+    """``_log.info(SUMMARY_FORMAT, **event)`` for the per-message and per-session events:
+    the same event, without Logger.emit's check of the level (constantly sorts every
+    level on each call) and its keyword arguments (a dict built twice): a few
+    microseconds per message.  The keys added are those Logger.emit adds."""
+    event["log_logger"] = _log
+    event["log_level"] = LogLevel.info
+    event["log_namespace"] = _log.namespace
+    event["log_source"] = _log.source
+    event["log_format"] = SUMMARY_FORMAT
+    event["log_time"] = time.time()
+    _log.observer(event)
 
 
 # Which method handles which event: one dictionary lookup per event.
