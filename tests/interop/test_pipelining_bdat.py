@@ -175,6 +175,29 @@ async def test_bdat_text_chunks_split_into_tiny_sends(serve):
 
 
 @pytest_twisted.ensureDeferred
+async def test_bdat_large_text_is_checked_in_every_read(serve):
+    """A 600 KiB text chunk arrives in several reads of up to 256 KiB, each checked in
+    32 KiB blocks: one bare LF anywhere in it, and only there, refuses the message."""
+    server = serve()
+    lines = [b"line %06d of a long text message\r\n" % i for i in range(17000)]
+    clean = b"Subject: long\r\n\r\n" + b"".join(lines)
+    mail = b"MAIL FROM:<a@b.org>\r\n"
+    wire = b"BDAT %d LAST\r\n" % len(clean) + clean
+    assert await deferToThread(bdat_session, server.port, mail, wire, 1) == [
+        (250, "2.0.0 OK: message accepted")
+    ]
+    [stored] = server.messages
+    assert stored.body == clean
+    for at in (32 * 1024, 256 * 1024 + 1, len(clean) - 40):
+        cut = clean.index(b"\r\n", at)
+        bare = clean[:cut] + clean[cut + 1 :]  # that line ends in LF alone
+        wire = b"BDAT %d LAST\r\n" % len(bare) + bare
+        replies = await deferToThread(bdat_session, server.port, mail, wire, 1)
+        assert replies == [(550, "5.6.0 Message contains a bare <CR> or <LF>")], at
+    assert len(server.messages) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_bdat_zero_last_alone_is_an_empty_message(serve):
     server = serve()
     replies = await deferToThread(
