@@ -1,8 +1,8 @@
 """Side-by-side benchmark of maitred_tx against aiosmtpd and twisted.mail.smtp.
 
     python benchmarks/run.py [--quick] [--repeat N] [--scenarios a,b,c,d,e]
-                             [--servers aiosmtpd,twisted-mail,maitred,maitred-nolog,
-                                        maitred-maildir]
+                             [--servers aiosmtpd,twisted-mail,twisted-floor,maitred,
+                                        maitred-nolog,maitred-maildir]
                              [--generators py,smtp-source] [--markdown OUT] [--json OUT]
 
 For each repetition, for each scenario, for each server (the order rotating between
