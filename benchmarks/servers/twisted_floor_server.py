@@ -49,7 +49,9 @@ class Floor(protocol.Protocol):
     def send(self, data: bytes) -> None:
         transport: Any = self.transport
         if not transport.dataBuffer and not transport._tempDataLen:
-            data = data[transport.writeSomeData(data) :]
+            sent = transport.writeSomeData(data)
+            if type(sent) is int and sent > 0:  # else 0, or an error for the reactor
+                data = data[sent:]
         if data:
             transport.write(data)
 
