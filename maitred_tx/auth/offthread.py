@@ -145,6 +145,8 @@ class CheckThread:
                 continue
             job.task = task = loop.create_task(job.coroutine)
             task.add_done_callback(partial(self._finished, job))
+            if job.cancelled:  # cancel() came between the check and the task: it saw
+                task.cancel()  # no task to stop, so the work would have run for nothing
 
     def _finished(self, job: _Job[Any], _: object = None) -> None:
         """On the loop: queue the outcome for the reactor."""

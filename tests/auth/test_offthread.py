@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped,unused-ignore]
 from twisted.internet import defer, reactor
 
+from maitred_tx.auth import offthread
 from maitred_tx.auth.offthread import BridgedResolver, CheckThread
 from maitred_tx.auth.resolver import NXDomain, Record
 
@@ -164,6 +165,48 @@ async def test_cancelling_the_deferred_cancels_the_work(thread) -> None:
             break
         await _turn()
     assert cancelled.is_set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_between_the_check_and_the_task_still_stops_the_work(
+    thread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reactor's cancel() lands after _take saw the job not cancelled and before its
+    task exists: the canceller finds no task to stop, so _take must stop it."""
+    started, cancelled = threading.Event(), threading.Event()
+    jobs: list[Any] = []
+
+    class Recorded(offthread._Job):  # type: ignore[type-arg]
+        def __init__(self, coroutine: Any) -> None:
+            super().__init__(coroutine)
+            jobs.append(self)
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(offthread, "_Job", Recorded)
+    loop = thread.start()
+    real_create_task = loop.create_task
+
+    def create_task(coroutine: Any, **kwargs: Any) -> Any:
+        job = jobs[0]
+        job.cancel(job.deferred)  # the Deferred's canceller, at the worst moment
+        return real_create_task(coroutine, **kwargs)
+
+    loop.create_task = create_task  # type: ignore[method-assign]
+    d = thread.submit(forever())
+    for _ in range(200):
+        if d.called:
+            break
+        await _turn()
+    assert not started.is_set() or cancelled.is_set()  # stopped before or as it began
+    with pytest.raises(defer.CancelledError):
+        await d
 
 
 def test_stop_joins_the_threads_and_a_new_use_starts_them_again() -> None:
