@@ -142,29 +142,35 @@ async def test_a_lookup_that_raises_at_the_call_fails_its_future(thread) -> None
         await (thread.submit(ask()))
 
 
-@pytest_twisted.ensureDeferred
-async def test_cancelling_the_deferred_cancels_the_work(thread) -> None:
-    started, cancelled = threading.Event(), threading.Event()
+class Forever:
+    """Work that waits for ever, and says whether it began and whether it was cancelled."""
 
-    async def forever() -> None:
-        started.set()
+    def __init__(self) -> None:
+        self.started, self.cancelled = threading.Event(), threading.Event()
+
+    async def run(self) -> None:
+        self.started.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
-            cancelled.set()
+            self.cancelled.set()
             raise
 
-    d = (thread.submit(forever()))
-    while not started.is_set():
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_the_deferred_cancels_the_work(thread) -> None:
+    work = Forever()
+    d = (thread.submit(work.run()))
+    while not work.started.is_set():
         await _turn()
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
     for _ in range(200):
-        if cancelled.is_set():
+        if work.cancelled.is_set():
             break
         await _turn()
-    assert cancelled.is_set()
+    assert work.cancelled.is_set()
 
 
 @pytest_twisted.ensureDeferred
@@ -173,21 +179,13 @@ async def test_a_cancel_between_the_check_and_the_task_still_stops_the_work(
 ) -> None:
     """The reactor's cancel() lands after _take saw the job not cancelled and before its
     task exists: the canceller finds no task to stop, so _take must stop it."""
-    started, cancelled = threading.Event(), threading.Event()
+    work = Forever()
     jobs: list[Any] = []
 
     class Recorded(offthread._Job):  # type: ignore[type-arg]
         def __init__(self, coroutine: Any) -> None:
             super().__init__(coroutine)
             jobs.append(self)
-
-    async def forever() -> None:
-        started.set()
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
 
     monkeypatch.setattr(offthread, "_Job", Recorded)
     loop = thread.start()
@@ -199,12 +197,12 @@ async def test_a_cancel_between_the_check_and_the_task_still_stops_the_work(
         return real_create_task(coroutine, **kwargs)
 
     loop.create_task = create_task  # type: ignore[method-assign]
-    d = thread.submit(forever())
+    d = thread.submit(work.run())
     for _ in range(200):
         if d.called:
             break
         await _turn()
-    assert not started.is_set() or cancelled.is_set()  # stopped before or as it began
+    assert not work.started.is_set() or work.cancelled.is_set()  # stopped, or never began
     with pytest.raises(defer.CancelledError):
         await d
 
@@ -233,18 +231,14 @@ def test_stop_joins_the_threads_and_a_new_use_starts_them_again() -> None:
 
 def test_stop_cancels_the_work_still_running() -> None:
     t = CheckThread(reactor, name="test-stop-running")
-    started = threading.Event()
-
-    async def forever() -> None:
-        started.set()
-        await asyncio.sleep(3600)
-
-    d = t.submit(forever())
-    assert started.wait(5)
+    work = Forever()
+    d = t.submit(work.run())
+    assert work.started.wait(5)
     t.stop()
     failures: list[Any] = []
     d.addErrback(failures.append)
     assert len(failures) == 1 and failures[0].check(defer.CancelledError)
+    assert work.cancelled.is_set()
 
 
 async def _turn() -> None:
