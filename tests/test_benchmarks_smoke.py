@@ -46,6 +46,27 @@ def test_target_ratio_range_is_paired_by_repetition(monkeypatch: pytest.MonkeyPa
     assert report.evaluate(target, "maitred", summary) == ("2.00x", "MISS")
 
 
+def test_floor_lines_say_what_the_target_leaves_above_the_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+    from scenarios import Sample
+
+    samples = [
+        Sample("b/py", server, 1, metrics={"server_cpu_us_per_msg": cpu})
+        for server, cpu in (("twisted-floor", 60.0), ("twisted-mail", 400.0),
+                            ("maitred", 200.0), ("aiosmtpd", 900.0))
+    ]
+    servers = ["aiosmtpd", "twisted-mail", "twisted-floor", "maitred"]
+    assert report.floor_lines(servers, report.summarize(samples)) == [
+        "- (b/py) floor 60 µs/msg; twisted-mail ÷ 2.5 = 160 µs/msg leaves 100 µs above the "
+        "floor; spent above it: maitred 140 µs",
+        "",
+    ]
+    assert report.floor_lines(["maitred"], report.summarize(samples[2:])) == []
+
+
 class _Variant:
     def __init__(self, key: str, kind: str) -> None:
         self.key, self.kind = key, kind
