@@ -154,6 +154,8 @@ class Policy:
         self._recipients_tuple: tuple[Recipient, ...] = ()  # the same, as last handed out
 
     def hello(self) -> Eventually[Reply | None]:
+        if _default_hook(self.delivery, "hello"):
+            return None  # what it answers (the capability list), without the call
         return then(
             self.delivery.hello,
             (self.context,),

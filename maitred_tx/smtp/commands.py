@@ -206,17 +206,20 @@ def _decode(line: bytes) -> str:
 
 
 # The lines nearly every session sends, answered without the general grammar:
-# argument-less verbs in upper case (the value is immutable, so one is shared), and
-# MAIL / RCPT with a plain path (address.PLAIN_PATH) and at most SIZE=n, matched on the
-# raw bytes.  A match is printable ASCII, so it needs no decoding or control check; the
-# result is what the full parser gives for the same line (tests/smtp/test_commands.py
-# checks both against each other), and anything else takes the full parser.
+# argument-less verbs in upper case (the value is immutable, so one is shared), MAIL /
+# RCPT with a plain path (address.PLAIN_PATH) and at most SIZE=n, and EHLO / HELO /
+# LHLO with one printable ASCII word, matched on the raw bytes.  A match is printable
+# ASCII, so it needs no decoding or control check; the result is what the full parser
+# gives for the same line (tests/smtp/test_commands.py checks both against each other),
+# and anything else takes the full parser.
 _EXACT: Final[dict[bytes, Command]] = {}  # filled below, once the classes exist
 _FAST_PATH: Final = re.compile(
     rb"MAIL FROM:(?:<>|" + PLAIN_PATH.encode() + rb")(?: SIZE=([0-9]{1,20}))?"
-    rb"|RCPT TO:" + PLAIN_PATH.encode(),
+    rb"|RCPT TO:" + PLAIN_PATH.encode()
+    + rb"|(EHLO|HELO|LHLO) ([!-~]+)",
     re.IGNORECASE,  # on bytes: ASCII letters only
 )
+_HELLOS: Final[dict[bytes, type[Ehlo | Helo | Lhlo]]] = {}  # filled below
 
 
 def parse_command(line: bytes) -> Command:
@@ -239,7 +242,11 @@ def _fast_path(
     size: bytes | None,
     rcpt_local: bytes | None,
     rcpt_domain: bytes | None,
+    hello: bytes | None = None,
+    name: bytes | None = None,
 ) -> Command:
+    if hello is not None and name is not None:  # LHLO too: the session says who may
+        return _HELLOS[hello.upper()](name.decode("ascii"))
     if rcpt_local is not None and rcpt_domain is not None:
         return RcptTo(_plain_mailbox(rcpt_local, rcpt_domain), NO_RCPT_PARAMS)
     sender = None
@@ -397,3 +404,4 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "EXPN": _expn,
 }
 _EXACT.update({b"DATA": Data(), b"RSET": Rset(), b"NOOP": Noop(), b"QUIT": Quit()})
+_HELLOS.update({b"EHLO": Ehlo, b"HELO": Helo, b"LHLO": Lhlo})

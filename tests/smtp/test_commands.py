@@ -280,6 +280,21 @@ def test_fast_path_matches_the_full_parser(
     assert _outcome(parse_command, line) == _outcome(_parse_full, line)
 
 
+@settings(max_examples=1000)
+@given(
+    st.sampled_from([b"EHLO", b"ehlo", b"HELO", b"Helo", b"LHLO", b"HHLO", b"EHLOX", b"MAIL"]),
+    st.sampled_from([b" ", b"  ", b"\t", b""]),
+    st.one_of(
+        st.text(st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=20).map(str.encode),
+        st.text(max_size=8).map(str.encode),
+        st.sampled_from([b"mx.example.org", b"[192.0.2.1]", b"a b", b"x\xff", b"caf\xc3\xa9"]),
+    ),
+)
+def test_hello_fast_path_matches_the_full_parser(verb: bytes, sep: bytes, name: bytes) -> None:
+    line = verb + sep + name
+    assert _outcome(parse_command, line) == _outcome(_parse_full, line)
+
+
 @pytest.mark.parametrize("line", [b"DATA", b"RSET", b"NOOP", b"QUIT"])
 def test_exact_lines_match_the_full_parser(line: bytes) -> None:
     assert parse_command(line) == _parse_full(line)
