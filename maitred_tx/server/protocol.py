@@ -97,11 +97,8 @@ class SMTPServerProtocol(Protocol):
         # One timer per connection for both the idle timeout and the session deadline;
         # see _arm_idle.
         self._timer: IDelayedCall | None = None
-        self._timer_at = 0.0  # when it fires
         self._active_at = 0.0  # the peer's last read
         self._deadline_at = 0.0
-        self._command_timeout = config.limits.command_timeout
-        self._data_timeout = config.limits.data_timeout
         self._started = 0.0
         self.messages = 0
         self._client = ""  # the real client address, for the per-client limits
@@ -280,31 +277,31 @@ class SMTPServerProtocol(Protocol):
         and a read only notes the time.  The timer is moved only to fire sooner (the
         idle timeout of the new state is shorter); when it fires it looks at the last
         read and the deadline (_on_timer), and sleeps on if neither is due."""
-        now = self._clock.seconds()
-        self._active_at = now
-        due = now + (self._command_timeout if self._sink is None else self._data_timeout)
-        if due > self._deadline_at:
-            due = self._deadline_at
+        now = self._active_at = self._clock.seconds()
+        due = min(self._idle_due(), self._deadline_at)
         timer = self._timer
         if timer is None:
-            self._timer, self._timer_at = self._clock.callLater(due - now, self._on_timer), due
-        elif due < self._timer_at:
+            self._timer = self._clock.callLater(due - now, self._on_timer)
+        elif due < timer.getTime():
             timer.reset(due - now)
-            self._timer_at = due
+
+    def _idle_due(self) -> float:
+        """When the idle timeout of the current state ends, counted from the last read."""
+        limits = self.config.limits
+        return self._active_at + (
+            limits.command_timeout if self._sink is None else limits.data_timeout
+        )
 
     def _on_timer(self) -> None:
         now = self._clock.seconds()
         self._timer = None
         if now >= self._deadline_at:
             self._expired()
-            return
-        timeout = self._command_timeout if self._sink is None else self._data_timeout
-        idle_due = self._active_at + timeout
-        if now >= idle_due:
+        elif now >= self._idle_due():
             self._timed_out()
-            return
-        due = min(idle_due, self._deadline_at)
-        self._timer, self._timer_at = self._clock.callLater(due - now, self._on_timer), due
+        else:
+            due = min(self._idle_due(), self._deadline_at)
+            self._timer = self._clock.callLater(due - now, self._on_timer)
 
     def _timed_out(self) -> None:
         if self.session is not None:
@@ -665,22 +662,20 @@ def _write(transport: Any, data: bytes) -> None:
     bytes, their order and their timing relative to later writes are unchanged: when
     the socket takes all of them nothing is left to queue, otherwise (a full socket
     buffer, or an error for the reactor to report) the rest goes the usual way."""
-    if type(transport) is _TCP_SERVER:
-        # Twisted's internals (26.10): a Twisted without one of them must fall back to
-        # queueing, not fail.  (Read directly: getattr with a default costs twice as
-        # much, on every reply.)
-        try:
-            plain = (
-                transport.TLS is False
-                and transport.connected
-                and not transport.disconnecting
-                and not transport._writeDisconnected
-                and not transport.dataBuffer
-                and not transport._tempDataLen
-            )
-        except AttributeError:
-            plain = False
-    else:
+    # Twisted's internals (26.10): a Twisted without one of them must fall back to
+    # queueing, not fail.  (Read directly: getattr with a default costs twice as much,
+    # on every reply.)
+    try:
+        plain = (
+            type(transport) is _TCP_SERVER
+            and transport.TLS is False
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport.dataBuffer
+            and not transport._tempDataLen
+        )
+    except AttributeError:
         plain = False
     if plain:
         sent = transport.writeSomeData(data)
