@@ -866,19 +866,27 @@ def test_session_end_event_is_a_regular_info_event_with_its_text() -> None:
         "0 messages, 0 errors")
 
 
-def test_with_hello_is_replace_field_by_field() -> None:
-    """protocol._with_hello names every SessionContext field: a field added later and
-    not copied there would be lost at EHLO, so each gets a value of its own here."""
+@pytest.mark.parametrize("which", ["protocol", "session"])
+def test_with_hello_is_replace_field_by_field(which: str) -> None:
+    """protocol._with_hello (SessionContext) and session._info_with_hello (SessionInfo)
+    name every field: a field added later and not copied there would be lost at EHLO,
+    so each gets a value of its own here."""
     import dataclasses
 
     from maitred_tx.envelope import SessionContext
     from maitred_tx.server.protocol import _with_hello
+    from maitred_tx.smtp.events import SessionInfo
+    from maitred_tx.smtp.session import _info_with_hello
 
+    cls, with_hello = {
+        "protocol": (SessionContext, _with_hello),
+        "session": (SessionInfo, _info_with_hello),
+    }[which]
     values: dict[str, Any] = {}
-    for i, f in enumerate(dataclasses.fields(SessionContext)):
+    for i, f in enumerate(dataclasses.fields(cls)):
         values[f.name] = i if f.type in ("int", int) else (
             True if f.type in ("bool", bool) else f"value-{i}")
-    context = SessionContext(**values)
-    assert _with_hello(context, "mx.example", esmtp=False) == dataclasses.replace(
-        context, helo="mx.example", esmtp=False)
-    assert _with_hello(context, "mx.example", esmtp=True).esmtp is True
+    before = cls(**values)
+    assert with_hello(before, "mx.example", esmtp=False) == dataclasses.replace(
+        before, helo="mx.example", esmtp=False)
+    assert with_hello(before, "mx.example", esmtp=True).esmtp is True
