@@ -172,7 +172,7 @@ class ContentChecker:
 
     def _check_bare(self, data: bytes) -> None:
         # Every CR must be followed by LF and every LF preceded by CR: the CRs' places,
-        # moved on by one, are the LFs' places.  One translate maps the piece to its
+        # moved on by one, are the LFs' places.  One translate maps each block to its
         # line breaks (CR 1, LF 2, else 0); single-octet replace() finds its few marks
         # with memchr, and == is a memcmp.  Measured 1.4x the speed of translate(delete)
         # + count(CRLF), the check BDAT spends nearly all its time in.
@@ -192,8 +192,8 @@ class ContentChecker:
             end -= 1  # its LF, if any, starts the next buffer
         if end <= start:
             return
-        # marks[start] may not be an LF (nothing before it here) nor marks[end - 1] a
-        # CR (nothing after it: a CR at the very end was set aside above).
+        # The first octet may not be an LF (nothing before it here) nor the last a CR
+        # (nothing after it: a CR at the very end was set aside above).
         if data[start] == 10 or data[end - 1] == 13:
             self.error = R.R550_BARE_LINE_ENDING
             return

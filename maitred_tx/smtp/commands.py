@@ -219,7 +219,7 @@ _FAST_PATH: Final = re.compile(
     + rb"|(EHLO|HELO|LHLO) ([!-~]+)",
     re.IGNORECASE,  # on bytes: ASCII letters only
 )
-_HELLOS: Final[dict[bytes, type[Ehlo | Helo | Lhlo]]] = {}  # filled below
+_HELLOS: Final[dict[str, type[Ehlo | Helo | Lhlo]]] = {"EHLO": Ehlo, "HELO": Helo, "LHLO": Lhlo}
 
 
 def parse_command(line: bytes) -> Command:
@@ -246,7 +246,7 @@ def _fast_path(
     name: bytes | None = None,
 ) -> Command:
     if hello is not None and name is not None:  # LHLO too: the session says who may
-        return _HELLOS[hello.upper()](name.decode("ascii"))
+        return _HELLOS[hello.upper().decode("ascii")](name.decode("ascii"))
     if rcpt_local is not None and rcpt_domain is not None:
         return RcptTo(_plain_mailbox(rcpt_local, rcpt_domain), NO_RCPT_PARAMS)
     sender = None
@@ -285,7 +285,7 @@ def _hello(arg: str, verb: str) -> Command:
     name = arg.split(" ", 1)[0] if arg else ""
     if not name:
         raise CommandError(R.R501_HELO_SYNTAX.format(verb=verb))
-    return {"EHLO": Ehlo, "HELO": Helo, "LHLO": Lhlo}[verb](name)
+    return _HELLOS[verb](name)
 
 
 def _prefixed(arg: str, prefix: str, reply: Reply) -> str:
@@ -404,4 +404,3 @@ _PARSERS: Final[dict[str, _Parser]] = {
     "EXPN": _expn,
 }
 _EXACT.update({b"DATA": Data(), b"RSET": Rset(), b"NOOP": Noop(), b"QUIT": Quit()})
-_HELLOS.update({b"EHLO": Ehlo, b"HELO": Helo, b"LHLO": Lhlo})
