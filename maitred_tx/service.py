@@ -161,19 +161,13 @@ def implicit_tls_as_tcp(description: str) -> str | None:
     parts.append(current)
     if parts[0] != "ssl":
         return None
-    named, positional = [], 0
-    for part in parts[1:]:
-        if "=" in part:
-            named.append(part)
-            continue
-        # Positional: the port first, then in _SSL_POSITIONAL's order.
-        if positional == 0:
-            named.append(part)
-        elif positional <= len(_SSL_POSITIONAL):
-            named.append(f"{_SSL_POSITIONAL[positional - 1]}={part}")
-        else:
-            named.append(part)  # too many: left for Twisted's parser to refuse
-        positional += 1
+    # Positional arguments get their names (the port stays first, too many are left for
+    # Twisted's parser to refuse), so that the ssl-only ones can be dropped by name.
+    names = iter(("port", *_SSL_POSITIONAL))
+    named = [
+        part if "=" in part or (name := next(names, "port")) == "port" else f"{name}={part}"
+        for part in parts[1:]
+    ]
     kept = [p for p in named if p.partition("=")[0].lower() not in _SSL_ONLY_ARGS]
     return ":".join(["tcp", *kept])
 

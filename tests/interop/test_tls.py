@@ -218,6 +218,9 @@ def test_ssl_descriptions_become_tcp_for_our_context():
     assert implicit_tls_as_tcp("ssl:465:server.pem") == "tcp:465"
     assert implicit_tls_as_tcp("ssl:465:k.pem:c.pem:SSLv23_METHOD:127.0.0.1:9") == (
         "tcp:465:interface=127.0.0.1:backlog=9")
+    # One too many stays positional, for Twisted's tcp: parser to refuse.
+    assert implicit_tls_as_tcp("ssl:465:k.pem:c.pem:m:127.0.0.1:9:x") == (
+        "tcp:465:interface=127.0.0.1:backlog=9:x")
     assert implicit_tls_as_tcp("tcp:25") is None
     assert implicit_tls_as_tcp("unix:/run/x.sock") is None
 
