@@ -2,11 +2,12 @@
 
 It answers every command the load generators send (EHLO/HELO, MAIL, RCPT, DATA, BDAT,
 RSET, NOOP, QUIT) with a fixed reply, parses nothing but the verb, finds DATA's end with
-one ``bytes.find`` per read and counts BDAT chunks, and sends at once when the socket
-takes the bytes, as maitred_tx does.  No validation, no limits, no logging: it is not an
-SMTP server anyone should run.  Its CPU time per message is the floor under any Twisted
-SMTP server's in the same scenario, so "twisted-mail ÷ 2.5 - floor" is what a target of
-2.5x leaves for everything an SMTP server does (benchmarks/README.md).
+one ``bytes.find`` per read and counts BDAT chunks, and sends with maitred_tx's own
+``_write`` (at once when the socket takes the bytes).  No validation, no limits, no
+logging: it is not an SMTP server anyone should run.  Its CPU time per message is the
+floor under any Twisted SMTP server's in the same scenario, so "twisted-mail ÷ 2.5 -
+floor" is what a target of 2.5x leaves for everything an SMTP server does
+(benchmarks/README.md).
 
 Run as ``python benchmarks/servers/twisted_floor_server.py --port N [--stats FILE]``;
 it listens on 127.0.0.1 only and behaves like twisted_mail_server.py (READY, stats).
@@ -19,6 +20,8 @@ from typing import Any
 
 from twisted.internet import protocol
 from twisted_mail_server import Counter, main
+
+from maitred_tx.server.protocol import _write
 
 _END = b"\r\n.\r\n"
 _BDAT = re.compile(rb"BDAT (\d+)( LAST)?", re.IGNORECASE)
@@ -47,13 +50,7 @@ class Floor(protocol.Protocol):
         self.send(b"220 localhost ESMTP floor\r\n")
 
     def send(self, data: bytes) -> None:
-        transport: Any = self.transport
-        if not transport.dataBuffer and not transport._tempDataLen:
-            sent = transport.writeSomeData(data)
-            if type(sent) is int and sent > 0:  # else 0, or an error for the reactor
-                data = data[sent:]
-        if data:
-            transport.write(data)
+        _write(self.transport, data)  # maitred_tx's own: the same sends, the same cost
 
     def dataReceived(self, data: bytes) -> None:
         buf, out = self.buf + data, []
