@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from maitred_tx.smtp.config import BareLineEndings, Config, Limits
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 LOCALHOST = "127.0.0.1"
+# maitred_tx.delivery.maildir's base names: seconds, microseconds, pid, counter.
+_MAILDIR_NAME = re.compile(r"(\d+)\.M(\d+)P\d+Q(\d+)\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,9 +249,19 @@ def twistd_maitred(
 
 
 def message_files(maildir: Path) -> list[Path]:
-    """The delivered files of one Maildir (its new/), oldest name first."""
+    """The delivered files of one Maildir (its new/), oldest first: by the time in the
+    name, read as numbers ("T.M<usec>P<pid>Q<n>", usec not zero-padded: sorted as text,
+    a message at .M95 would come after one at .M123456 of the same second)."""
     new = maildir / "new"
-    return sorted(new.iterdir()) if new.is_dir() else []
+    return sorted(new.iterdir(), key=_delivery_order) if new.is_dir() else []
+
+
+def _delivery_order(path: Path) -> tuple[int, int, int, str]:
+    match = _MAILDIR_NAME.match(path.name)
+    if match is None:
+        return (0, 0, 0, path.name)
+    seconds, micro, counter = (int(g) for g in match.groups())
+    return (seconds, micro, counter, path.name)
 
 
 def split_trace(stored: bytes) -> tuple[list[bytes], bytes]:
