@@ -155,10 +155,12 @@ class SMTPServerProtocol(Protocol):
             data = self._proxy_header(data)
             if not data:
                 return
+        # The peer was active: the idle timeout counts from now.  Only the time is
+        # noted; the timer moves where the timeout can get shorter (_opened, reading
+        # resumed), see _arm_idle.
+        self._active_at = self._clock.seconds()
         session.receive_data(data)
         self._drive()
-        if not session.closing:
-            self._arm_idle()  # after _drive: DATA may have opened the sink (data_timeout)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         timer, self._timer = self._timer, None
@@ -270,13 +272,14 @@ class SMTPServerProtocol(Protocol):
     # --- timers ------------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        """The peer was active: the idle timeout counts from now.
+        """The idle timeout counts from now; the timer fires no later than it is due.
 
         Moving a DelayedCall on every read (and a second one for the session deadline)
         cost more than the rest of a small command's handling; so there is one timer,
-        and a read only notes the time.  The timer is moved only to fire sooner (the
-        idle timeout of the new state is shorter); when it fires it looks at the last
-        read and the deadline (_on_timer), and sleeps on if neither is due."""
+        and a read only notes the time (dataReceived).  The timer is moved only to fire
+        sooner: when the connection starts, when a sink opens (the DATA timeout may be
+        the shorter) and when reading resumes after a decision.  When it fires it looks
+        at the last read and the deadline (_on_timer), and sleeps on if neither is due."""
         now = self._active_at = self._clock.seconds()
         due = min(self._idle_due(), self._deadline_at)
         timer = self._timer
@@ -507,6 +510,8 @@ class SMTPServerProtocol(Protocol):
         if txn is None or not txn.started:  # aborted meanwhile (RSET, timeout, lost)
             sink.abort()
             self._sink = None
+        elif session is not None and not session.closing:
+            self._arm_idle()  # the DATA timeout applies from now on
 
     # --- STARTTLS, AUTH, XCLIENT ----------------------------------------------------------
 
