@@ -289,9 +289,14 @@ def test_a_slow_sink_write_pauses_reading_until_it_fires() -> None:
 
 def test_idle_timeout_answers_421_and_closes() -> None:
     wire = greeted(MemoryDelivery())
+    [timer] = wire.clock.getDelayedCalls()
+    due = timer.getTime()
     wire.clock.advance(299)
     assert wire.codes(b"NOOP\r\n") == [(250, "2.0.0")]
-    wire.clock.advance(299)  # the NOOP restarted the timer
+    # A read only notes its time: the timer is neither replaced nor moved (a reset()
+    # per read cost more than a small command's handling).
+    assert wire.clock.getDelayedCalls() == [timer] and timer.getTime() == due
+    wire.clock.advance(299)  # the NOOP restarted the idle count: the timer slept on
     assert wire.replies() == [] and wire.connected
     # One timer for the idle timeout and the session deadline, however busy.
     assert len(wire.clock.getDelayedCalls()) == 1
