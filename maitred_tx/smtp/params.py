@@ -28,6 +28,7 @@ from maitred_tx.smtp.replies import (
     R555_UNKNOWN_PARAM,
     Reply,
 )
+from maitred_tx.smtp.values import fast_init
 
 __all__ = [
     "NO_MAIL_PARAMS",
@@ -97,6 +98,7 @@ class Notify(enum.Enum):
     DELAY = "DELAY"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MailParams:
     """The parameters of one MAIL command; ``None`` means "not given"."""
@@ -111,6 +113,7 @@ class MailParams:
     auth: str | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RcptParams:
     """The parameters of one RCPT command; ``None`` means "not given"."""
