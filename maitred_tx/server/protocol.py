@@ -156,8 +156,7 @@ class SMTPServerProtocol(Protocol):
             if not data:
                 return
         # The peer was active: the idle timeout counts from now.  Only the time is
-        # noted; the timer moves where the timeout can get shorter (_opened, reading
-        # resumed), see _arm_idle.
+        # noted; the timer moves where the timeout can get shorter, see _arm_idle.
         self._active_at = self._clock.seconds()
         session.receive_data(data)
         self._drive()
@@ -277,9 +276,10 @@ class SMTPServerProtocol(Protocol):
         Moving a DelayedCall on every read (and a second one for the session deadline)
         cost more than the rest of a small command's handling; so there is one timer,
         and a read only notes the time (dataReceived).  The timer is moved only to fire
-        sooner: when the connection starts, when a sink opens (the DATA timeout may be
-        the shorter) and when reading resumes after a decision.  When it fires it looks
-        at the last read and the deadline (_on_timer), and sleeps on if neither is due."""
+        sooner: when the connection starts, when a sink opens or closes (the DATA
+        timeout or the command timeout applies, either may be the shorter) and when
+        reading resumes after a decision.  When it fires it looks at the last read and
+        the deadline (_on_timer), and sleeps on if neither is due."""
         now = self._active_at = self._clock.seconds()
         due = min(self._idle_due(), self._deadline_at)
         timer = self._timer
@@ -294,6 +294,13 @@ class SMTPServerProtocol(Protocol):
         return self._active_at + (
             limits.command_timeout if self._sink is None else limits.data_timeout
         )
+
+    def _timeout_changed(self) -> None:
+        """A sink opened or closed: the DATA timeout or the command timeout applies now,
+        and it may be the shorter one."""
+        session = self.session
+        if session is not None and not session.closing:
+            self._arm_idle()
 
     def _on_timer(self) -> None:
         now = self._clock.seconds()
@@ -452,6 +459,7 @@ class SMTPServerProtocol(Protocol):
     def _on_complete(self, event: MessageComplete) -> None:
         count = len(event.transaction.recipients)
         sink, self._sink = self._sink, None
+        self._timeout_changed()
         size = event.transaction.size
         self._wait_for(Policy.close(sink, count), lambda r: self._delivered(r, size, sink))
 
@@ -476,6 +484,7 @@ class SMTPServerProtocol(Protocol):
 
     def _on_aborted(self, event: MessageAborted) -> None:
         sink, self._sink = self._sink, None
+        self._timeout_changed()
         if sink is not None:
             sink.abort()
         self._log_message(event.reply, 0)
@@ -510,8 +519,8 @@ class SMTPServerProtocol(Protocol):
         if txn is None or not txn.started:  # aborted meanwhile (RSET, timeout, lost)
             sink.abort()
             self._sink = None
-        elif session is not None and not session.closing:
-            self._arm_idle()  # the DATA timeout applies from now on
+        else:
+            self._timeout_changed()
 
     # --- STARTTLS, AUTH, XCLIENT ----------------------------------------------------------
 

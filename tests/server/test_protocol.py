@@ -320,6 +320,50 @@ def test_data_timeout_aborts_the_sink() -> None:
     assert delivery.aborted == 1 and delivery.messages == []
 
 
+@pytest.mark.parametrize("answer", ["at once", "later"])
+def test_the_command_timeout_applies_again_after_the_message(answer: str) -> None:
+    # A DATA timeout longer than the command timeout: once the message is answered, the
+    # shorter one counts again, from the end of the message.
+    config = Config(hostname="mx.test", local_domains=frozenset({"example.org"}),
+                    limits=Limits(command_timeout=60, data_timeout=600))
+    delivery = Recording()
+    later: Deferred[Any] = Deferred()
+    if answer == "later":
+        delivery.outcome = lambda: later
+    wire = greeted(delivery, config)
+    assert wire.codes(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<a@example.org>\r\n"
+                      b"DATA\r\n") == [(250, "2.1.0"), (250, "2.1.5"), (354, None)]
+    wire.clock.advance(300)  # within the DATA timeout
+    replies = wire.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    if answer == "later":
+        assert replies == []
+        wire.clock.advance(30)  # the delivery takes its time; reading is paused
+        later.callback(Accepted())
+        replies = wire.replies()
+    assert replies == [(250, "2.0.0", "OK: message accepted")]
+    wire.clock.advance(59)
+    assert wire.connected
+    wire.clock.advance(1)
+    assert wire.replies() == [(421, "4.4.2", "mx.test Timeout, closing connection")]
+    assert not wire.connected
+
+
+def test_the_command_timeout_applies_again_after_an_aborted_message() -> None:
+    config = Config(hostname="mx.test", local_domains=frozenset({"example.org"}),
+                    limits=Limits(command_timeout=60, data_timeout=600))
+    delivery = Recording()
+    wire = greeted(delivery, config)
+    assert wire.codes(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<a@example.org>\r\n"
+                      b"BDAT 4\r\nabcd") == [(250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0")]
+    wire.clock.advance(300)  # a sink is open between chunks: the DATA timeout applies
+    assert wire.codes(b"RSET\r\n") == [(250, "2.0.0")]
+    assert delivery.sinks[0].aborted
+    wire.clock.advance(59)
+    assert wire.connected
+    wire.clock.advance(1)
+    assert wire.replies() == [(421, "4.4.2", "mx.test Timeout, closing connection")]
+
+
 def test_session_deadline_closes_even_a_busy_session() -> None:
     wire = greeted(MemoryDelivery())
     for _ in range(8):
