@@ -296,10 +296,15 @@ class SMTPServerProtocol(Protocol):
         )
 
     def _timeout_changed(self) -> None:
-        """A sink opened or closed: the DATA timeout or the command timeout applies now,
-        and it may be the shorter one."""
-        session = self.session
-        if session is not None and not session.closing:
+        """A sink opened or closed: now the DATA timeout applies, or the command timeout.
+        The timer must move only if that one is the shorter (by default they are the
+        same, and nothing is done)."""
+        limits, session = self.config.limits, self.session
+        if self._sink is None:
+            shorter = limits.command_timeout < limits.data_timeout
+        else:
+            shorter = limits.data_timeout < limits.command_timeout
+        if shorter and session is not None and not session.closing:
             self._arm_idle()
 
     def _on_timer(self) -> None:
