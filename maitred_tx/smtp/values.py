@@ -55,31 +55,33 @@ def fast_init(cls: type[_T]) -> type[_T]:
     init_fields = [f for f in fields if f.init]
     if list(inspect.signature(generated).parameters)[1:] != [f.name for f in init_fields]:
         raise TypeError(f"{cls.__qualname__}: InitVar fields are not supported")
-    namespace: dict[str, Any] = {"_FACTORY": _FACTORY}
+    if any(f.name == "self" or f.name.startswith("__fi_") for f in fields):
+        raise TypeError(f"{cls.__qualname__}: a field name clashes with the generated code")
+    namespace: dict[str, Any] = {"__fi_factory": _FACTORY}
     positional: list[str] = []
     keyword: list[str] = []
     body: list[str] = []
     for f in fields:
-        setter = f"_set_{f.name}"
+        setter = f"__fi_set_{f.name}"
         namespace[setter] = _slot(cls, f.name).__set__
         has_factory = f.default_factory is not dataclasses.MISSING
         if has_factory:
-            namespace[f"_factory_{f.name}"] = f.default_factory
+            namespace[f"__fi_factory_{f.name}"] = f.default_factory
         if f.init:
             if has_factory:
-                default = "=_FACTORY"
-                value = f"_factory_{f.name}() if {f.name} is _FACTORY else {f.name}"
+                default = "=__fi_factory"
+                value = f"__fi_factory_{f.name}() if {f.name} is __fi_factory else {f.name}"
             elif f.default is not dataclasses.MISSING:
-                namespace[f"_default_{f.name}"] = f.default
-                default, value = f"=_default_{f.name}", f.name
+                namespace[f"__fi_default_{f.name}"] = f.default
+                default, value = f"=__fi_default_{f.name}", f.name
             else:
                 default, value = "", f.name
             (keyword if f.kw_only else positional).append(f"{f.name}{default}")
         elif has_factory:
-            value = f"_factory_{f.name}()"
+            value = f"__fi_factory_{f.name}()"
         elif f.default is not dataclasses.MISSING:
-            namespace[f"_default_{f.name}"] = f.default
-            value = f"_default_{f.name}"
+            namespace[f"__fi_default_{f.name}"] = f.default
+            value = f"__fi_default_{f.name}"
         else:
             continue  # init=False without a default: left unset, as dataclasses does
         body.append(f"    {setter}(self, {value})")
