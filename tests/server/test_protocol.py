@@ -320,19 +320,33 @@ def test_data_timeout_aborts_the_sink() -> None:
     assert delivery.aborted == 1 and delivery.messages == []
 
 
+# A DATA timeout longer than the command timeout: once a message is answered or
+# aborted, the shorter one counts again, from then.
+LONG_DATA_TIMEOUT = Config(hostname="mx.test", local_domains=frozenset({"example.org"}),
+                           limits=Limits(command_timeout=60, data_timeout=600))
+
+
+def envelope_then(wire: Wire, command: bytes, reply: Code) -> None:
+    assert wire.codes(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<a@example.org>\r\n"
+                      + command) == [(250, "2.1.0"), (250, "2.1.5"), reply]
+
+
+def assert_times_out_after(wire: Wire, seconds: float) -> None:
+    wire.clock.advance(seconds - 1)
+    assert wire.connected
+    wire.clock.advance(1)
+    assert wire.replies() == [(421, "4.4.2", "mx.test Timeout, closing connection")]
+    assert not wire.connected
+
+
 @pytest.mark.parametrize("answer", ["at once", "later"])
 def test_the_command_timeout_applies_again_after_the_message(answer: str) -> None:
-    # A DATA timeout longer than the command timeout: once the message is answered, the
-    # shorter one counts again, from the end of the message.
-    config = Config(hostname="mx.test", local_domains=frozenset({"example.org"}),
-                    limits=Limits(command_timeout=60, data_timeout=600))
     delivery = Recording()
     later: Deferred[Any] = Deferred()
     if answer == "later":
         delivery.outcome = lambda: later
-    wire = greeted(delivery, config)
-    assert wire.codes(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<a@example.org>\r\n"
-                      b"DATA\r\n") == [(250, "2.1.0"), (250, "2.1.5"), (354, None)]
+    wire = greeted(delivery, LONG_DATA_TIMEOUT)
+    envelope_then(wire, b"DATA\r\n", (354, None))
     wire.clock.advance(300)  # within the DATA timeout
     replies = wire.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
     if answer == "later":
@@ -341,27 +355,17 @@ def test_the_command_timeout_applies_again_after_the_message(answer: str) -> Non
         later.callback(Accepted())
         replies = wire.replies()
     assert replies == [(250, "2.0.0", "OK: message accepted")]
-    wire.clock.advance(59)
-    assert wire.connected
-    wire.clock.advance(1)
-    assert wire.replies() == [(421, "4.4.2", "mx.test Timeout, closing connection")]
-    assert not wire.connected
+    assert_times_out_after(wire, 60)
 
 
 def test_the_command_timeout_applies_again_after_an_aborted_message() -> None:
-    config = Config(hostname="mx.test", local_domains=frozenset({"example.org"}),
-                    limits=Limits(command_timeout=60, data_timeout=600))
     delivery = Recording()
-    wire = greeted(delivery, config)
-    assert wire.codes(b"MAIL FROM:<s@sender.test>\r\nRCPT TO:<a@example.org>\r\n"
-                      b"BDAT 4\r\nabcd") == [(250, "2.1.0"), (250, "2.1.5"), (250, "2.0.0")]
+    wire = greeted(delivery, LONG_DATA_TIMEOUT)
+    envelope_then(wire, b"BDAT 4\r\nabcd", (250, "2.0.0"))
     wire.clock.advance(300)  # a sink is open between chunks: the DATA timeout applies
     assert wire.codes(b"RSET\r\n") == [(250, "2.0.0")]
     assert delivery.sinks[0].aborted
-    wire.clock.advance(59)
-    assert wire.connected
-    wire.clock.advance(1)
-    assert wire.replies() == [(421, "4.4.2", "mx.test Timeout, closing connection")]
+    assert_times_out_after(wire, 60)
 
 
 def test_session_deadline_closes_even_a_busy_session() -> None:
