@@ -70,3 +70,30 @@ def test_floor_lines_say_what_the_target_leaves_above_the_floor(
 class _Variant:
     def __init__(self, key: str, kind: str) -> None:
         self.key, self.kind = key, kind
+
+
+def test_inprocess_quick() -> None:
+    """benchmarks/inprocess.py runs both protocols, checks every reply, and reports."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/inprocess.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for phase in ("connect", "HELO", "MAIL", "RCPT", "DATA", "body", "QUIT", "total"):
+        assert phase in proc.stdout
+    assert "maitred_tx" in proc.stdout and "twisted.mail" in proc.stdout
+
+
+def test_inprocess_check_refuses_what_an_accepting_server_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import inprocess
+
+    inprocess.check("ok", b"220 hi\r\n250-x\r\n250 y\r\n", [220, 250])
+    for wrong in (b"220 hi\r\n", b"220 hi\r\n451 4.3.0 later\r\n", b"220 hi\r\n250 y"):
+        with pytest.raises(inprocess.CheckError):
+            inprocess.check("wrong", wrong, [220, 250])
