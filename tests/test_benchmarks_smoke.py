@@ -12,17 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmarks_quick() -> None:
-    pytest.importorskip("aiosmtpd")
+def quick(script: str, timeout: float) -> str:
+    """Run a benchmarks/ script in its --quick mode; its stdout, once it exited 0."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--quick"],
+        [sys.executable, f"benchmarks/{script}", "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "maitred" in proc.stdout
+    return proc.stdout
+
+
+def test_benchmarks_quick() -> None:
+    pytest.importorskip("aiosmtpd")
+    assert "maitred" in quick("run.py", timeout=300)
 
 
 def test_target_ratio_range_is_paired_by_repetition(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,17 +79,10 @@ class _Variant:
 
 def test_inprocess_quick() -> None:
     """benchmarks/inprocess.py runs both protocols, checks every reply, and reports."""
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/inprocess.py", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = quick("inprocess.py", timeout=120)
     for phase in ("connect", "HELO", "MAIL", "RCPT", "DATA", "body", "QUIT", "total"):
-        assert phase in proc.stdout
-    assert "maitred_tx" in proc.stdout and "twisted.mail" in proc.stdout
+        assert phase in out
+    assert "maitred_tx" in out and "twisted.mail" in out
 
 
 def test_inprocess_check_refuses_what_an_accepting_server_does_not_answer(
