@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -84,13 +85,22 @@ def fast_init(cls: type[_T]) -> type[_T]:
             value = f"__fi_default_{f.name}"
         else:
             continue  # init=False without a default: left unset, as dataclasses does
-        body.append(f"    {setter}(self, {value})")
+        body.append(f"        {setter}(self, {value})")
     if hasattr(cls, "__post_init__"):
-        body.append("    self.__post_init__()")
+        body.append("        self.__post_init__()")
     signature = ", ".join(["self", *positional, *(["*", *keyword] if keyword else [])])
-    source = f"def __init__({signature}):\n" + ("\n".join(body) or "    pass") + "\n"
-    exec(source, namespace)  # as dataclasses builds its own __init__
-    init = namespace["__init__"]
+    # As dataclasses builds its own: the helpers are closure variables of a maker
+    # function, and __init__'s globals are the class's module, where its annotations
+    # resolve (typing.get_type_hints).
+    source = (
+        f"def __fi_make({', '.join(namespace)}):\n"
+        f"    def __init__({signature}):\n" + ("\n".join(body) or "        pass") + "\n"
+        "    return __init__\n"
+    )
+    made: dict[str, Any] = {}
+    module = sys.modules.get(cls.__module__)
+    exec(source, vars(module) if module is not None else {}, made)
+    init = made["__fi_make"](**namespace)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     init.__annotations__ = dict(generated.__annotations__)

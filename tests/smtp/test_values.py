@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
+import typing
 from dataclasses import InitVar, dataclass, field
 from typing import Any
 
@@ -86,6 +87,8 @@ def test_same_signature_as_the_generated_init(cls: type) -> None:
         else:
             assert p.default is q.default, p.name
     assert cls.__init__.__annotations__ == GENERATED[cls].__annotations__
+    # The annotations resolve where the class's do (the module's globals).
+    assert typing.get_type_hints(cls.__init__) == typing.get_type_hints(GENERATED[cls])
 
 
 @pytest.mark.parametrize("cls", sorted(GENERATED, key=lambda c: c.__qualname__),
