@@ -58,22 +58,22 @@ def fast_init(cls: type[_T]) -> type[_T]:
         raise TypeError(f"{cls.__qualname__}: InitVar fields are not supported")
     if any(f.name == "self" or f.name.startswith("__fi_") for f in fields):
         raise TypeError(f"{cls.__qualname__}: a field name clashes with the generated code")
-    namespace: dict[str, Any] = {"__fi_factory": _FACTORY}
+    helpers: dict[str, Any] = {"__fi_factory": _FACTORY}
     positional: list[str] = []
     keyword: list[str] = []
     body: list[str] = []
     for f in fields:
         setter = f"__fi_set_{f.name}"
-        namespace[setter] = _slot(cls, f.name).__set__
+        helpers[setter] = _slot(cls, f.name).__set__
         has_factory = f.default_factory is not dataclasses.MISSING
         if has_factory:
-            namespace[f"__fi_factory_{f.name}"] = f.default_factory
+            helpers[f"__fi_factory_{f.name}"] = f.default_factory
         if f.init:
             if has_factory:
                 default = "=__fi_factory"
                 value = f"__fi_factory_{f.name}() if {f.name} is __fi_factory else {f.name}"
             elif f.default is not dataclasses.MISSING:
-                namespace[f"__fi_default_{f.name}"] = f.default
+                helpers[f"__fi_default_{f.name}"] = f.default
                 default, value = f"=__fi_default_{f.name}", f.name
             else:
                 default, value = "", f.name
@@ -81,7 +81,7 @@ def fast_init(cls: type[_T]) -> type[_T]:
         elif has_factory:
             value = f"__fi_factory_{f.name}()"
         elif f.default is not dataclasses.MISSING:
-            namespace[f"__fi_default_{f.name}"] = f.default
+            helpers[f"__fi_default_{f.name}"] = f.default
             value = f"__fi_default_{f.name}"
         else:
             continue  # init=False without a default: left unset, as dataclasses does
@@ -93,14 +93,14 @@ def fast_init(cls: type[_T]) -> type[_T]:
     # function, and __init__'s globals are the class's module, where its annotations
     # resolve (typing.get_type_hints).
     source = (
-        f"def __fi_make({', '.join(namespace)}):\n"
+        f"def __fi_make({', '.join(helpers)}):\n"
         f"    def __init__({signature}):\n" + ("\n".join(body) or "        pass") + "\n"
         "    return __init__\n"
     )
     made: dict[str, Any] = {}
     module = sys.modules.get(cls.__module__)
     exec(source, vars(module) if module is not None else {}, made)
-    init = made["__fi_make"](**namespace)
+    init = made["__fi_make"](**helpers)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     init.__annotations__ = dict(generated.__annotations__)
