@@ -1,6 +1,7 @@
 """The SMTP work alone, in process: maitred_tx's protocol and twisted.mail's fed the same
 bytes, with no sockets and no reactor.  It shows what the full benchmark cannot: where in
-a connection each one spends its time.
+a connection each one spends its time.  A third column, judged by nothing, is the fused
+reference (servers/twisted_fused_server.py): the same checks in one class.
 
     python benchmarks/inprocess.py [--quick] [--connections N] [--messages N] [--rounds R]
 
@@ -14,7 +15,7 @@ Two measurements, each the best of R rounds (the round least disturbed by the ma
   bytes anyway: its LineReceiver takes the lines one by one, with one read fewer per
   message than a client waiting for each reply would cost it.
 
-Both servers discard the message.  Nothing is logged: the global log publisher is
+All of them discard the message.  Nothing is logged: the global log publisher is
 started with no observers, for both.  Every reply is checked.  A connection or message
 that did not get its replies is an error (exit status 1), never a fast sample.
 Timings are for comparing the two in one run; no test asserts them.
@@ -60,6 +61,7 @@ def factories() -> dict[str, Callable[[], Any]]:
     # imports Twisted's global reactor, so only when the measurement runs.
     if str(SERVERS_DIR) not in sys.path:
         sys.path.insert(0, str(SERVERS_DIR))
+    import twisted_fused_server  # type: ignore[import-not-found]
     import twisted_mail_server  # type: ignore[import-not-found]
 
     config = Config(
@@ -70,6 +72,9 @@ def factories() -> dict[str, Callable[[], Any]]:
     return {
         "maitred_tx": lambda: SMTPFactory(Clock(), config, DiscardDelivery()),
         "twisted.mail": lambda: twisted_mail_server.DeliveryFactory(
+            twisted_mail_server.Counter()),
+        # Judged by nothing: the same checks fused into one class (its docstring).
+        "fused ref.": lambda: twisted_fused_server.FusedFactory(
             twisted_mail_server.Counter()),
     }
 

@@ -298,25 +298,29 @@ def targets_table(
 
 def floor_lines(servers: Sequence[str], summary: Summary) -> list[str]:
     """(b)'s CPU per message above the floor (servers/twisted_floor_server.py): what the
-    target against twisted.mail leaves for the SMTP work itself, and what each of ours
-    spends on it."""
+    target against twisted.mail leaves for the SMTP work itself, what each of ours
+    spends on it, and what the fused reference (servers/twisted_fused_server.py) spends
+    on the same checks."""
     metric, lines = "server_cpu_us_per_msg", []
     for key in ("b/py", "b/smtp-source"):
         floor = summary.get((key, REFERENCES[0]), {}).get(metric)
         peer = summary.get((key, "twisted-mail"), {}).get(metric)
         if floor is None or peer is None:
             continue
-        ours = [
-            f"{s} {stat.median - floor.median:.0f}"
-            for s in _ours(servers)
+        spent = {
+            s: stat.median - floor.median
+            for s in servers
             if (stat := summary.get((key, s), {}).get(metric)) is not None
-        ]
+        }
+        ours = [f"{s} {spent[s]:.0f}" for s in _ours(servers) if s in spent]
+        references = [f"{s} {spent[s]:.0f}" for s in REFERENCES[1:] if s in spent]
         target = peer.median / B_VS_TWISTED_MAIL
         lines.append(
             f"- ({key}) floor {floor.median:.0f} µs/msg; twisted-mail ÷ "
             f"{B_VS_TWISTED_MAIL:g} = {target:.0f} µs/msg leaves "
             f"{target - floor.median:.0f} µs above the floor; spent above it: "
             f"{', '.join(ours) or 'nothing measured'} µs"
+            + (f"; the reference {', '.join(references)} µs" if references else "")
         )
     return [*lines, ""] if lines else []
 

@@ -128,6 +128,14 @@ SERVERS: dict[str, ServerSpec] = {
             prints_ready=True,
         ),
         ServerSpec(
+            "twisted-fused",
+            "reference, not a peer: maitred_tx's hot-path checks fused into one Twisted "
+            "protocol, without an application interface or logging (what the SMTP work "
+            "costs at least)",
+            _script("twisted_fused_server.py"),
+            prints_ready=True,
+        ),
+        ServerSpec(
             "maitred",
             "maitred_tx via twistd, --delivery discard",
             _maitred("--delivery", "discard", NO_CHECKS),
@@ -178,8 +186,9 @@ SERVERS: dict[str, ServerSpec] = {
     )
 }
 PEERS = ("aiosmtpd", "twisted-mail")
-# Measured for comparison, judged by no target: see servers/twisted_floor_server.py.
-REFERENCES = ("twisted-floor",)
+# Measured for comparison, judged by no target: see servers/twisted_floor_server.py and
+# servers/twisted_fused_server.py.  The floor comes first (report.floor_lines).
+REFERENCES = ("twisted-floor", "twisted-fused")
 
 
 def child_env() -> dict[str, str]:

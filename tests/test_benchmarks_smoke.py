@@ -61,14 +61,19 @@ def test_floor_lines_say_what_the_target_leaves_above_the_floor(
     samples = [
         Sample("b/py", server, 1, metrics={"server_cpu_us_per_msg": cpu})
         for server, cpu in (("twisted-floor", 60.0), ("twisted-mail", 400.0),
-                            ("maitred", 200.0), ("aiosmtpd", 900.0))
+                            ("maitred", 200.0), ("aiosmtpd", 900.0), ("twisted-fused", 90.0))
     ]
     servers = ["aiosmtpd", "twisted-mail", "twisted-floor", "maitred"]
-    assert report.floor_lines(servers, report.summarize(samples)) == [
+    summary = report.summarize(samples)
+    assert report.floor_lines(servers, summary) == [
         "- (b/py) floor 60 µs/msg; twisted-mail ÷ 2.5 = 160 µs/msg leaves 100 µs above the "
         "floor; spent above it: maitred 140 µs",
         "",
     ]
+    # The fused reference is named apart from ours, when it ran.
+    assert report.floor_lines([*servers, "twisted-fused"], summary)[0].endswith(
+        "spent above it: maitred 140 µs; the reference twisted-fused 30 µs"
+    )
     assert report.floor_lines(["maitred"], report.summarize(samples[2:])) == []
 
 
