@@ -21,7 +21,7 @@ from maitred_tx.delivery.base import Delivery
 from maitred_tx.envelope import Envelope, Recipient, SessionContext
 from maitred_tx.interfaces import IDelivery, IMessageSink
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure, to_reply
-from maitred_tx.server.calls import Eventually, settle, then
+from maitred_tx.server.calls import Eventually, is_later, settle, then
 from maitred_tx.smtp import replies as R
 from maitred_tx.smtp.commands import MailFrom, RcptTo
 from maitred_tx.smtp.replies import Reply
@@ -167,6 +167,8 @@ class Policy:
         self.transaction_id = new_id()  # the Envelope.message_id of this transaction
         self._recipients = []
         self._recipients_tuple = ()
+        if _default_hook(self.delivery, "mail_from"):
+            return None  # what it answers, without the call
         args = (self.context, command.sender, command.params)
         return _answer(self.delivery.mail_from, args, R.R250_SENDER_OK, "mail_from()")
 
@@ -198,23 +200,31 @@ class Policy:
         return self._recipients_tuple
 
     def open(self, envelope: Envelope) -> Eventually[Any]:
-        def opened(sink: Any) -> Any:
-            return _as_sink(sink)
-
-        def broken(failure: Failure) -> Any:
-            _log.failure("open_message() failed: the message gets 451", failure)
-            return FailedSink(envelope)
-
         # A result that is no IMessageSink fails too.
-        return then(self.delivery.open_message, (envelope,), opened, broken)
+        try:
+            sink = self.delivery.open_message(envelope)
+            if not is_later(sink):  # the usual answer: no callbacks to build
+                return _as_sink(sink)
+        except Exception:
+            return _open_failed(Failure(), envelope)
+        return settle(sink, _as_sink, lambda f: _open_failed(f, envelope))
 
     @staticmethod
     def close(sink: Any, count: int) -> Eventually[list[Reply]]:
-        def closed(result: Any) -> list[Reply]:
-            return message_reply(result, count)
-
-        def broken(failure: Failure) -> list[Reply]:
-            return [_failed(failure, "close()")] * count
-
         # A result that is no outcome fails too.
-        return then(sink.close, (), closed, broken)
+        try:
+            result = sink.close()
+            if not is_later(result):  # the usual answer: no callbacks to build
+                return message_reply(result, count)
+        except Exception:
+            return [_failed(Failure(), "close()")] * count
+        return settle(
+            result,
+            lambda r: message_reply(r, count),
+            lambda f: [_failed(f, "close()")] * count,
+        )
+
+
+def _open_failed(failure: Failure, envelope: Envelope) -> FailedSink:
+    _log.failure("open_message() failed: the message gets 451", failure)
+    return FailedSink(envelope)

@@ -607,6 +607,27 @@ def test_open_message_returning_no_sink_is_451(answer: Any) -> None:
     assert wire.codes(b"NOOP\r\n") == [(250, "2.0.0")]
 
 
+def test_open_message_answer_is_adapted_to_a_sink() -> None:
+    """What open_message returns is IMessageSink(answer): an object that conforms (or
+    has an adapter registered) delivers through the sink it adapts to."""
+    sinks: list[Sink] = []
+
+    class Conforming:
+        def __init__(self, envelope: Envelope) -> None:
+            self.envelope = envelope
+
+        def __conform__(self, interface: Any) -> Sink | None:
+            if interface is IMessageSink:
+                sinks.append(Sink(self.envelope))
+                return sinks[-1]
+            return None
+
+    wire = greeted(Recording(open_message=Conforming))
+    assert wire.codes(MESSAGE) == MESSAGE_CODES
+    [sink] = sinks
+    assert sink.closed and b"".join(sink.chunks) == b"Subject: hi\r\n\r\nHello\r\n.dot\r\n"
+
+
 @pytest.mark.parametrize("answer", [None, "yes", 42], ids=["None", "str", "int"])
 def test_close_returning_no_outcome_is_451(answer: Any) -> None:
     delivery = Recording()
