@@ -1,7 +1,7 @@
 """Side-by-side benchmark of maitred_tx against aiosmtpd and twisted.mail.smtp.
 
     python benchmarks/run.py [--quick] [--repeat N] [--scenarios a,b,c,d,e]
-                             [--servers aiosmtpd,twisted-mail,twisted-floor,maitred,
+                             [--servers aiosmtpd,twisted-mail,twisted-floor,twisted-fused,maitred,
                                         maitred-nolog,maitred-maildir]
                              [--generators py,smtp-source] [--markdown OUT] [--json OUT]
 
