@@ -26,12 +26,19 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
+from functools import partial
 from typing import Any
 
 from twisted.internet import protocol, reactor
 from twisted_mail_server import Counter, main
 
-from maitred_tx.server.protocol import _write
+from maitred_tx.delivery.discard import DiscardDelivery
+from maitred_tx.envelope import Envelope, Recipient, SessionContext
+from maitred_tx.server.policy import message_reply, new_id
+from maitred_tx.server.protocol import _emit_info, _message_summary, _write
+from maitred_tx.smtp.address import plain_mailbox
+from maitred_tx.smtp.params import NO_MAIL_PARAMS, NO_RCPT_PARAMS
 
 MAX_SIZE = 64 * 1024 * 1024
 MAX_COMMAND_LINE = 512  # CRLF included
@@ -83,9 +90,9 @@ class Fused(protocol.Protocol):
         self.buf = b""
         self.state = CONNECTED
         self.errors = 0
-        self.sender: tuple[str, str] | None = None
-        self.recipients: list[tuple[str, str]] = []
-        self.sink: Sink | None = None  # a DATA body is being read
+        self.sender: Any = None
+        self.recipients: list[Any] = []
+        self.sink: Any = None  # a DATA body is being read
         self.message_id = ""
         self.tail = b""  # what may begin CRLF "." CRLF, held for the next read
         self.skip = 0  # the DATA line's CRLF, held as the first line's start
@@ -156,8 +163,8 @@ class Fused(protocol.Protocol):
                 if self.state != RCPT:
                     self._error(out, b"503 5.5.1 Error: need RCPT command\r\n")
                     return self.state < 0
-                self.sink = Sink(self.counter)
                 self.message_id = f"F{next(_IDS):09X}"
+                self.sink = self._open()
                 self.tail, self.skip, self.size, self.line, self.header = b"\r\n", 2, 0, 0, 0
                 self.refusal = None
                 out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -188,7 +195,7 @@ class Fused(protocol.Protocol):
             elif size is not None and int(size) > MAX_SIZE:
                 self._error(out, b"552 5.3.4 Message size exceeds fixed limit\r\n")
             else:
-                self.sender = (mail_local.decode("ascii"), mail_domain.decode("ascii").lower())
+                self.sender = self._sender(mail_local, mail_domain)
                 self.state, self.recipients = MAIL, []
                 out.append(b"250 2.1.0 Sender OK\r\n")
         else:
@@ -200,10 +207,25 @@ class Fused(protocol.Protocol):
             elif domain not in LOCAL_DOMAINS:
                 self._error(out, b"550 5.7.1 Relay access denied\r\n")
             else:
-                self.recipients.append((rcpt_local.decode("ascii"), domain))
+                self.recipients.append(self._recipient(rcpt_local, domain))
                 self.state = RCPT
                 out.append(b"250 2.1.5 Recipient OK\r\n")
         return self.state < 0
+
+    # --- what a delivery sees: the hooks FusedWithInterfaces replaces -----------------------
+
+    def _sender(self, local: bytes, domain: bytes) -> Any:
+        return (local.decode("ascii"), domain.decode("ascii").lower())
+
+    def _recipient(self, local: bytes, domain: str) -> Any:
+        return (local.decode("ascii"), domain)
+
+    def _open(self) -> Any:
+        return Sink(self.counter)
+
+    def _close(self, sink: Any) -> bytes:
+        sink.close()
+        return b"250 2.0.0 OK: queued as %s\r\n" % self.message_id.encode()
 
     def _body(self, data: bytes, out: list[bytes]) -> bytes:
         """Take the body's part of *data*; return what follows its end (commands)."""
@@ -227,13 +249,11 @@ class Fused(protocol.Protocol):
         if rest is None:
             return b""
         sink, self.sink = self.sink, None
-        self.state, self.recipients = GREETED, []
         if self.refusal is not None:
             self._error(out, self.refusal)
         else:
-            assert sink is not None
-            sink.close()
-            out.append(b"250 2.0.0 OK: queued as %s\r\n" % self.message_id.encode())
+            out.append(self._close(sink))
+        self.state, self.recipients = GREETED, []
         return rest
 
     def _check(self, piece: bytes) -> bytes | None:
@@ -271,6 +291,59 @@ def _held(buf: bytes) -> int:
     return 0
 
 
+class FusedWithInterfaces(Fused):
+    """The same, with what maitred_tx's interfaces cost on top of the fused checks: a
+    SessionContext per connection, Mailbox values, the delivery's hooks called
+    (mail_from, rcpt_to, open_message with an Envelope, the sink's write and close),
+    the outcome mapped to its reply, and the per-message log event (to whatever
+    observers there are).  Only benchmarks/inprocess.py uses it: it estimates what a
+    fused design would cost that keeps the application's side unchanged."""
+
+    def __init__(self, counter: Counter, delivery: DiscardDelivery) -> None:
+        super().__init__(counter)
+        self.delivery = delivery
+        self.started = 0.0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.context = SessionContext(
+            session_id=new_id(), hostname="localhost", peer_host=self.peer, peer_port=0,
+            local_host=self.local, local_port=0,
+        )
+
+    def _sender(self, local: bytes, domain: bytes) -> Any:
+        sender = plain_mailbox(local.decode("ascii"), domain.decode("ascii"))
+        self.delivery.mail_from(self.context, sender, NO_MAIL_PARAMS)
+        return sender
+
+    def _recipient(self, local: bytes, domain: str) -> Any:
+        recipient = Recipient(plain_mailbox(local.decode("ascii"), domain), NO_RCPT_PARAMS)
+        self.delivery.rcpt_to(self.context, self._envelope(), recipient.mailbox, NO_RCPT_PARAMS)
+        return recipient
+
+    def _envelope(self) -> Envelope:
+        return Envelope(self.context, self.message_id, self.sender, NO_MAIL_PARAMS,
+                        tuple(self.recipients), time.time(), False)
+
+    def _open(self) -> Any:
+        self.started = time.monotonic()
+        return self.delivery.open_message(self._envelope())
+
+    def _close(self, sink: Any) -> bytes:
+        reply = message_reply(sink.close(), len(self.recipients))[0]
+        context, sender = self.context, str(self.sender)
+        recipients = [str(r.mailbox) for r in self.recipients]
+        _emit_info({
+            "summary": partial(_message_summary, context.peer_host, self.message_id, sender,
+                               recipients, reply.code, reply.status, None),
+            "peer": context.peer_host, "session_id": context.session_id,
+            "message_id": self.message_id, "sender": sender, "recipients": recipients,
+            "size": self.size, "code": reply.code, "status": reply.status, "auth": None,
+            "duration": time.monotonic() - self.started,
+        })
+        return reply.encode(True)
+
+
 class FusedFactory(protocol.Factory):
     noisy = False
 
@@ -279,6 +352,11 @@ class FusedFactory(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> Fused:
         return Fused(self.counter)
+
+
+class FusedWithInterfacesFactory(FusedFactory):
+    def buildProtocol(self, addr: Any) -> Fused:
+        return FusedWithInterfaces(self.counter, DiscardDelivery())
 
 
 if __name__ == "__main__":
