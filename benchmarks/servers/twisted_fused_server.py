@@ -140,7 +140,9 @@ class Fused(protocol.Protocol):
             elif nl + 1 > MAX_COMMAND_LINE:
                 self._error(out, b"500 5.5.6 Line too long\r\n")
             elif self._command(buf[: nl - 1], out):
-                _write(self.transport, b"".join(out))  # QUIT
+                self.state = -1  # QUIT
+            if self.state < 0:  # QUIT, or too many errors
+                _write(self.transport, b"".join(out))
                 self.transport.loseConnection()  # type: ignore[union-attr]
                 return
             buf = buf[nl + 1 :]
@@ -163,7 +165,6 @@ class Fused(protocol.Protocol):
                 if self.state != RCPT:
                     self._error(out, b"503 5.5.1 Error: need RCPT command\r\n")
                     return self.state < 0
-                self.message_id = f"F{next(_IDS):09X}"
                 self.sink = self._open()
                 self.tail, self.skip, self.size, self.line, self.header = b"\r\n", 2, 0, 0, 0
                 self.refusal = None
@@ -221,6 +222,7 @@ class Fused(protocol.Protocol):
         return (local.decode("ascii"), domain)
 
     def _open(self) -> Any:
+        self.message_id = f"F{next(_IDS):09X}"
         return Sink(self.counter)
 
     def _close(self, sink: Any) -> bytes:
@@ -313,6 +315,7 @@ class FusedWithInterfaces(Fused):
 
     def _sender(self, local: bytes, domain: bytes) -> Any:
         sender = plain_mailbox(local.decode("ascii"), domain.decode("ascii"))
+        self.message_id = new_id()  # the transaction's, as maitred_tx names it at MAIL
         self.delivery.mail_from(self.context, sender, NO_MAIL_PARAMS)
         return sender
 
