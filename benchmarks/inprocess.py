@@ -1,7 +1,10 @@
 """The SMTP work alone, in process: maitred_tx's protocol and twisted.mail's fed the same
 bytes, with no sockets and no reactor.  It shows what the full benchmark cannot: where in
-a connection each one spends its time.  A third column, judged by nothing, is the fused
-reference (servers/twisted_fused_server.py): the same checks in one class.
+a connection each one spends its time.  Two more columns are judged by nothing: the
+fused reference (servers/twisted_fused_server.py: maitred_tx's checks for these commands
+in one class), and the same with what maitred_tx's interfaces cost on top (its
+FusedWithInterfaces: context, mailboxes, envelope, the delivery's hooks, the outcome's
+reply and the log event).
 
     python benchmarks/inprocess.py [--quick] [--connections N] [--messages N] [--rounds R]
 
@@ -16,9 +19,9 @@ Two measurements, each the best of R rounds (the round least disturbed by the ma
   message than a client waiting for each reply would cost it.
 
 All of them discard the message.  Nothing is logged: the global log publisher is
-started with no observers, for both.  Every reply is checked.  A connection or message
+started with no observers, for all of them.  Every reply is checked.  A connection or message
 that did not get its replies is an error (exit status 1), never a fast sample.
-Timings are for comparing the two in one run; no test asserts them.
+Timings are for comparing them in one run; no test asserts them.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ AUTH, STARTTLS, SMTPUTF8, DSN, LMTP, PROXY.  It is not a server anyone should ru
 
 twisted-floor (no checks at all) is the least any Twisted server spends on the
 benchmark's I/O; the difference between this one and the floor is what the SMTP work
-itself must cost at least, written this way (benchmarks/README.md, "What limits (b)").
+itself must cost at least, written this way (benchmarks/README.md, "Where targets are
+missed").  ``FusedWithInterfaces`` adds what maitred_tx's interfaces cost on top (the
+delivery's hooks, the envelope, the outcome, the log event); benchmarks/inprocess.py
+shows both beside maitred_tx and twisted.mail.
 
 Run as ``python benchmarks/servers/twisted_fused_server.py --port N [--stats FILE]``;
 it listens on 127.0.0.1 only and behaves like twisted_mail_server.py (READY, stats).
