@@ -100,3 +100,49 @@ def test_inprocess_check_refuses_what_an_accepting_server_does_not_answer(
     for wrong in (b"220 hi\r\n", b"220 hi\r\n451 4.3.0 later\r\n", b"220 hi\r\n250 y"):
         with pytest.raises(inprocess.CheckError):
             inprocess.check("wrong", wrong, [220, 250])
+
+
+# A transaction up to the body's first line, for the fused reference's checks.
+_BODY = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\nS: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (_BODY + b"ok\r\n.\r\n", [250, 250, 354, 250]),
+        (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@elsewhere.example>\r\n", [250, 550]),
+        (_BODY + b"n\0l\r\n.\r\n", [250, 250, 354, 550]),
+        (_BODY + b"bare\nlf\r\n.\r\n", [250, 250, 354, 550]),
+        (_BODY + b"x" * 999 + b"\r\n.\r\n", [250, 250, 354, 554]),
+        (_BODY + b"x" * 998 + b"\r\n.\r\n", [250, 250, 354, 250]),
+        (b"MAIL FROM:<a@b.example> SIZE=99999999999\r\n", [552]),
+        (b"MAIL FROM:<not an address>\r\n", [500]),
+        (b"DATA\r\n", [503]),
+        (b"NOOP\n", [500]),
+    ],
+    ids=["accepted", "relay", "nul", "bare-lf", "long-line", "longest-line", "size", "path",
+         "sequence", "bare-lf-command"],
+)
+def test_the_fused_reference_checks_what_it_claims(
+    monkeypatch: pytest.MonkeyPatch, lines: bytes, expected: list[int]
+) -> None:
+    """The fused reference is only a fair yardstick while it refuses what maitred_tx
+    refuses: each check it is said to make, fed whole and byte by byte."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "servers"))
+    from twisted.internet.testing import StringTransport
+    from twisted_fused_server import FusedFactory
+    from twisted_mail_server import Counter
+
+    from maitred_tx.testing import parse_replies
+
+    for whole in (True, False):
+        protocol = FusedFactory(Counter()).buildProtocol(None)
+        transport = StringTransport()
+        transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"EHLO client.test\r\n")
+        for piece in [lines] if whole else [lines[i : i + 1] for i in range(len(lines))]:
+            protocol.dataReceived(piece)
+        protocol.connectionLost(None)
+        codes = [r.code for r in parse_replies(transport.value())]
+        assert codes == [220, 250, *expected], ("whole" if whole else "bytes", codes)
