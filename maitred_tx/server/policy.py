@@ -217,14 +217,14 @@ class Policy:
             if not is_later(result):  # the usual answer: no callbacks to build
                 return message_reply(result, count)
         except Exception:
-            return [_failed(Failure(), "close()")] * count
-        return settle(
-            result,
-            lambda r: message_reply(r, count),
-            lambda f: [_failed(f, "close()")] * count,
-        )
+            return _close_failed(Failure(), count)
+        return settle(result, lambda r: message_reply(r, count), lambda f: _close_failed(f, count))
 
 
 def _open_failed(failure: Failure, envelope: Envelope) -> FailedSink:
     _log.failure("open_message() failed: the message gets 451", failure)
     return FailedSink(envelope)
+
+
+def _close_failed(failure: Failure, count: int) -> list[Reply]:
+    return [_failed(failure, "close()")] * count

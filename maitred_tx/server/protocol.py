@@ -308,14 +308,14 @@ class SMTPServerProtocol(Protocol):
             self._arm_idle()
 
     def _on_timer(self) -> None:
-        now = self._clock.seconds()
+        now, idle_due = self._clock.seconds(), self._idle_due()
         self._timer = None
         if now >= self._deadline_at:
             self._expired()
-        elif now >= self._idle_due():
+        elif now >= idle_due:
             self._timed_out()
         else:
-            due = min(self._idle_due(), self._deadline_at)
+            due = min(idle_due, self._deadline_at)
             self._timer = self._clock.callLater(due - now, self._on_timer)
 
     def _timed_out(self) -> None:
