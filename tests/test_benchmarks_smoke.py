@@ -104,6 +104,38 @@ def test_inprocess_check_refuses_what_an_accepting_server_does_not_answer(
 
 # A transaction up to the body's first line, for the fused reference's checks.
 _BODY = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\nS: x\r\n\r\n"
+# A transaction whose header block is 96 octets (its last CRLF included), in 3 lines.
+_HEADER_96 = (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@localhost>\r\nDATA\r\n"
+              + b"A: " + b"a" * 27 + b"\r\nB: " + b"b" * 27 + b"\r\nC: " + b"c" * 27
+              + b"\r\n\r\nbody\r\n.\r\n")
+
+
+class _FusedSession:
+    """The fused reference on a StringTransport, its timer on a Clock."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "servers"))
+        import twisted_fused_server
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted_mail_server import Counter
+
+        self.clock = Clock()
+        monkeypatch.setattr(twisted_fused_server, "reactor", self.clock)
+        self.module = twisted_fused_server
+        self.protocol = twisted_fused_server.FusedFactory(Counter()).buildProtocol(None)
+        self.transport = StringTransport()
+        self.transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(b"EHLO client.test\r\n")
+
+    def feed(self, lines: bytes, whole: bool) -> list[int]:
+        """The reply codes of the session so far, after *lines* (whole or by octets)."""
+        from maitred_tx.testing import parse_replies
+
+        for piece in [lines] if whole else [lines[i : i + 1] for i in range(len(lines))]:
+            self.protocol.dataReceived(piece)
+        return [r.code for r in parse_replies(self.transport.value())]
 
 
 @pytest.mark.parametrize(
@@ -128,21 +160,33 @@ def test_the_fused_reference_checks_what_it_claims(
 ) -> None:
     """The fused reference is only a fair yardstick while it refuses what maitred_tx
     refuses: each check it is said to make, fed whole and byte by byte."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "servers"))
-    from twisted.internet.testing import StringTransport
-    from twisted_fused_server import FusedFactory
-    from twisted_mail_server import Counter
-
-    from maitred_tx.testing import parse_replies
-
     for whole in (True, False):
-        protocol = FusedFactory(Counter()).buildProtocol(None)
-        transport = StringTransport()
-        transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
-        protocol.makeConnection(transport)
-        protocol.dataReceived(b"EHLO client.test\r\n")
-        for piece in [lines] if whole else [lines[i : i + 1] for i in range(len(lines))]:
-            protocol.dataReceived(piece)
-        protocol.connectionLost(None)
-        codes = [r.code for r in parse_replies(transport.value())]
+        codes = _FusedSession(monkeypatch).feed(lines, whole)
         assert codes == [220, 250, *expected], ("whole" if whole else "bytes", codes)
+
+
+@pytest.mark.parametrize(("limit", "code"), [(95, 552), (96, 250)])
+def test_the_fused_reference_measures_the_header_block_across_reads(
+    monkeypatch: pytest.MonkeyPatch, limit: int, code: int
+) -> None:
+    """Fed byte by byte, every read starts or ends inside a line: the block's end must
+    still be found across reads, and its size counted to the CRLF that ends it."""
+    for whole in (True, False):
+        session = _FusedSession(monkeypatch)
+        monkeypatch.setattr(session.module, "MAX_HEADER", limit)
+        assert session.feed(_HEADER_96, whole) == [220, 250, 250, 250, 354, code]
+
+
+def test_the_fused_reference_times_out_from_the_last_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its one idle timer sleeps on after a read, as maitred_tx's does."""
+    session = _FusedSession(monkeypatch)
+    timeout = session.module.IDLE_TIMEOUT
+    session.clock.advance(timeout - 1)
+    assert session.feed(b"NOOP\r\n", True) == [220, 250, 250]
+    session.clock.advance(timeout - 1)  # the first timer fires: a read came since
+    assert not session.transport.disconnecting
+    session.clock.advance(1)
+    assert session.feed(b"", True) == [220, 250, 250, 421]
+    assert session.transport.disconnecting

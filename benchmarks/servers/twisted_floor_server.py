@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from twisted.internet import protocol
-from twisted_mail_server import Counter, main
+from twisted_mail_server import Counter, CountingFactory, main
 
 from maitred_tx.server.protocol import _write
 
@@ -108,14 +108,8 @@ class Floor(protocol.Protocol):
         return b"250 2.0.0 OK\r\n"
 
 
-class FloorFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self, counter: Counter) -> None:
-        self.counter = counter
-
-    def buildProtocol(self, addr: Any) -> Floor:
-        return Floor(self.counter)
+class FloorFactory(CountingFactory):
+    protocol_class = Floor
 
 
 if __name__ == "__main__":

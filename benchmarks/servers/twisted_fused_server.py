@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import protocol, reactor
-from twisted_mail_server import Counter, main
+from twisted_mail_server import Counter, CountingFactory, main
 
 from maitred_tx.delivery.discard import DiscardDelivery
 from maitred_tx.envelope import Envelope, Recipient, SessionContext
@@ -103,6 +103,7 @@ class Fused(protocol.Protocol):
         self.refusal: bytes | None = None  # the body's first violation
         self.line = 0  # the length of the body's unfinished last line
         self.header = 0  # header octets seen; -1 once the header block ended
+        self.header_tail = b""  # the last octets before this piece, where CRLF CRLF may start
         self.timer: Any = None
         self.last_read = 0.0
 
@@ -111,6 +112,7 @@ class Fused(protocol.Protocol):
         transport.setTcpNoDelay(True)
         self.peer = transport.getPeer().host
         self.local = transport.getHost().host
+        self.last_read = reactor.seconds()  # type: ignore[attr-defined]
         self.timer = reactor.callLater(IDLE_TIMEOUT, self._idle)  # type: ignore[attr-defined]
         _write(transport, b"220 localhost ESMTP fused reference\r\n")
 
@@ -119,6 +121,12 @@ class Fused(protocol.Protocol):
             self.timer.cancel()
 
     def _idle(self) -> None:
+        # One timer, as maitred_tx's: a read only notes its time, and the timer sleeps
+        # on when it fires after one.
+        left = self.last_read + IDLE_TIMEOUT - reactor.seconds()  # type: ignore[attr-defined]
+        if left > 0:
+            self.timer = reactor.callLater(left, self._idle)  # type: ignore[attr-defined]
+            return
         _write(self.transport, b"421 4.4.2 localhost idle too long\r\n")
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -170,6 +178,7 @@ class Fused(protocol.Protocol):
                     return self.state < 0
                 self.sink = self._open()
                 self.tail, self.skip, self.size, self.line, self.header = b"\r\n", 2, 0, 0, 0
+                self.header_tail = b"\r\n"  # a body that starts with CRLF has no header
                 self.refusal = None
                 out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 return False
@@ -265,10 +274,15 @@ class Fused(protocol.Protocol):
         """The first violation in this piece of the unstuffed body, or None."""
         if self.size > MAX_SIZE:
             return b"552 5.3.4 Message size exceeds fixed limit\r\n"
-        if self.header >= 0:
-            end = piece.find(b"\r\n\r\n")
-            self.header = -1 if end >= 0 or piece.startswith(b"\r\n") else self.header + len(piece)
-            if self.header > MAX_HEADER:
+        if self.header >= 0:  # RFC 5322 2.1: the header block ends at the first empty line
+            probe = self.header_tail + piece
+            end = probe.find(b"\r\n\r\n")
+            if end >= 0:  # the block, its last CRLF included
+                size, self.header = self.header + end + 2 - len(self.header_tail), -1
+            else:
+                size = self.header = self.header + len(piece)
+                self.header_tail = probe[-3:]
+            if size > MAX_HEADER:
                 return b"552 5.3.4 Header block too big\r\n"
         if b"\0" in piece:
             return b"550 5.6.0 NUL character not allowed\r\n"
@@ -304,9 +318,9 @@ class FusedWithInterfaces(Fused):
     observers there are).  Only benchmarks/inprocess.py uses it: it estimates what a
     fused design would cost that keeps the application's side unchanged."""
 
-    def __init__(self, counter: Counter, delivery: DiscardDelivery) -> None:
+    def __init__(self, counter: Counter) -> None:
         super().__init__(counter)
-        self.delivery = delivery
+        self.delivery = DiscardDelivery()
         self.started = 0.0
 
     def connectionMade(self) -> None:
@@ -350,19 +364,12 @@ class FusedWithInterfaces(Fused):
         return reply.encode(True)
 
 
-class FusedFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self, counter: Counter) -> None:
-        self.counter = counter
-
-    def buildProtocol(self, addr: Any) -> Fused:
-        return Fused(self.counter)
+class FusedFactory(CountingFactory):
+    protocol_class = Fused
 
 
-class FusedWithInterfacesFactory(FusedFactory):
-    def buildProtocol(self, addr: Any) -> Fused:
-        return FusedWithInterfaces(self.counter, DiscardDelivery())
+class FusedWithInterfacesFactory(CountingFactory):
+    protocol_class = FusedWithInterfaces
 
 
 if __name__ == "__main__":

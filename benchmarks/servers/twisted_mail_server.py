@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.mail import smtp
 from zope.interface import implementer
 
@@ -81,8 +81,22 @@ class DeliveryFactory(smtp.SMTPFactory):
         return proto
 
 
+class CountingFactory(protocol.Factory):
+    """The reference servers' factory: ``protocol_class(counter)`` per connection."""
+
+    noisy = False
+    protocol_class: Callable[[Counter], protocol.Protocol]
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        return self.protocol_class(self.counter)
+
+
 def main(make_factory: Callable[[Counter], Any] = DeliveryFactory) -> None:
-    """Serve on 127.0.0.1 (also for twisted_floor_server.py, the reference)."""
+    """Serve on 127.0.0.1 (also for the reference servers, twisted_floor_server.py and
+    twisted_fused_server.py)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--stats", type=Path, default=None)
