@@ -65,24 +65,26 @@ def fast_init(cls: type[_T]) -> type[_T]:
     for f in fields:
         setter = f"__fi_set_{f.name}"
         helpers[setter] = _slot(cls, f.name).__set__
+        # What the field gets when no argument gives it one: a factory's call, the
+        # default, or nothing.
         has_factory = f.default_factory is not dataclasses.MISSING
         if has_factory:
             helpers[f"__fi_factory_{f.name}"] = f.default_factory
-        if f.init:
-            if has_factory:
-                default = "=__fi_factory"
-                value = f"__fi_factory_{f.name}() if {f.name} is __fi_factory else {f.name}"
-            elif f.default is not dataclasses.MISSING:
-                helpers[f"__fi_default_{f.name}"] = f.default
-                default, value = f"=__fi_default_{f.name}", f.name
-            else:
-                default, value = "", f.name
-            (keyword if f.kw_only else positional).append(f"{f.name}{default}")
-        elif has_factory:
-            value = f"__fi_factory_{f.name}()"
+            fill: str | None = f"__fi_factory_{f.name}()"
         elif f.default is not dataclasses.MISSING:
             helpers[f"__fi_default_{f.name}"] = f.default
-            value = f"__fi_default_{f.name}"
+            fill = f"__fi_default_{f.name}"
+        else:
+            fill = None
+        if f.init:
+            if has_factory:  # the marker as the default: the factory runs per call
+                default = "=__fi_factory"
+                value = f"{fill} if {f.name} is __fi_factory else {f.name}"
+            else:
+                default, value = ("" if fill is None else f"={fill}"), f.name
+            (keyword if f.kw_only else positional).append(f"{f.name}{default}")
+        elif fill is not None:
+            value = fill
         else:
             continue  # init=False without a default: left unset, as dataclasses does
         body.append(f"        {setter}(self, {value})")
