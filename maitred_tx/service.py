@@ -23,7 +23,7 @@ from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.smtp.config import Config
 
-__all__ = ["DEFAULT_DNS_TIMEOUT", "DEFAULT_LISTEN", "SMTPService"]
+__all__ = ["DEFAULT_BACKLOG", "DEFAULT_DNS_TIMEOUT", "DEFAULT_LISTEN", "SMTPService"]
 
 # Loopback only by default: exposing a mail server is a decision, not an accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
@@ -34,6 +34,16 @@ DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
 DEFAULT_DNS_TIMEOUT = 5.0
 # Endpoint types whose connections can be upgraded with STARTTLS.
 _STARTTLS_ENDPOINTS = ("tcp:", "tcp6:")
+# The listen queue when the endpoint string sets no backlog=.  Twisted's 50 drops SYNs
+# in a burst of new connections (hundreds at once, after a network blip or when a
+# queue flushes), and each dropped SYN costs the client a one-second retry.  Linux
+# silently caps the value at net.core.somaxconn (4096 since 5.4), so this asks for the
+# system's maximum there, and for at least 1024 elsewhere (nginx asks for 511, HAProxy
+# for its maxconn, Postfix's master for its process limit times a factor).
+DEFAULT_BACKLOG = 1024
+# Where each endpoint type takes its backlog among its positional arguments (counting
+# the port or path as the first): a description that fills that place sets it.
+_BACKLOG_POSITION = {"tcp": 3, "tcp6": 2, "ssl": 6, "unix": 3}
 
 
 class SMTPService(MultiService):
@@ -110,6 +120,7 @@ class SMTPService(MultiService):
             # certificate asked for (Twisted's ssl: parser builds a context that never
             # asks), so deliveries see the same facts as after STARTTLS.
             description, served = plain, TLSMemoryBIOFactory(self.tls, False, factory)
+        description = with_backlog(description, default_backlog())
         strports.service(description, served, reactor=self.reactor).setServiceParent(self)
         self.factories.append(factory)
         return factory
@@ -141,10 +152,9 @@ _SSL_ONLY_ARGS = frozenset({"privatekey", "certkey", "extracertchain", "sslmetho
 _SSL_POSITIONAL = ("privateKey", "certKey", "sslmethod", "interface", "backlog")
 
 
-def implicit_tls_as_tcp(description: str) -> str | None:
-    """``ssl:PORT:...`` as the ``tcp:`` description of the same port and interface, its
-    TLS-only arguments (privateKey=, certKey=, ...) dropped; None for anything else.
-    Arguments are split at unescaped colons, as Twisted's endpoint strings are."""
+def _split_description(description: str) -> list[str]:
+    """An endpoint string's parts, split at unescaped colons as Twisted splits them
+    (escapes are kept, so that the parts join back into the same string)."""
     parts, current, i = [], "", 0
     while i < len(description):
         char = description[i]
@@ -159,6 +169,39 @@ def implicit_tls_as_tcp(description: str) -> str | None:
             current += char
         i += 1
     parts.append(current)
+    return parts
+
+
+def default_backlog() -> int:
+    """DEFAULT_BACKLOG, or the system's maximum listen queue where that is larger."""
+    try:
+        with open("/proc/sys/net/core/somaxconn", "rb") as f:
+            return max(DEFAULT_BACKLOG, int(f.read()))
+    except (OSError, ValueError):
+        return DEFAULT_BACKLOG
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """*description* with ``backlog=`` added when it is a tcp, tcp6, ssl or unix
+    endpoint that sets none (as a keyword or in its positional place); any other
+    endpoint string is returned as it is."""
+    parts = _split_description(description)
+    position = _BACKLOG_POSITION.get(parts[0].lower())
+    if position is None:
+        return description
+    args = parts[1:]
+    if any(a.partition("=")[0].lower() == "backlog" for a in args if "=" in a):
+        return description
+    if sum("=" not in a for a in args) >= position:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def implicit_tls_as_tcp(description: str) -> str | None:
+    """``ssl:PORT:...`` as the ``tcp:`` description of the same port and interface, its
+    TLS-only arguments (privateKey=, certKey=, ...) dropped; None for anything else.
+    Arguments are split at unescaped colons, as Twisted's endpoint strings are."""
+    parts = _split_description(description)
     if parts[0] != "ssl":
         return None
     # Positional arguments get their names (the port stays first, too many are left for

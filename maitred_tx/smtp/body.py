@@ -44,6 +44,7 @@ class ContentChecker:
 
     __slots__ = (
         "_bare",
+        "_binary",
         "_block",
         "_check_lines",
         "_header_len",
@@ -59,7 +60,9 @@ class ContentChecker:
     def __init__(
         self, limits: Limits, bare: BareLineEndings, *, text: bool = True, lines: bool = True
     ) -> None:
-        # BINARYMIME content (RFC 3030 3) has no lines: only the header check applies.
+        # BINARYMIME content (RFC 3030 3) has no lines: only the header check applies,
+        # and it accepts a bare LF as the end of a header line (see _check_header).
+        self._binary = not text
         self._bare = text and bare is BareLineEndings.REJECT
         # The text line limit (RFC 5321 4.5.3.1.6) belongs to the line-framed DATA
         # transfer; BDAT chunks are counted, not framed, so it is not applied to them.
@@ -158,16 +161,26 @@ class ContentChecker:
         room = self._max_header - self._header_len
         probe = self._header_tail + data[: room + 4]
         end = probe.find(b"\r\n\r\n")
+        stop = end + 2  # the block ends after its last line's CRLF
+        if self._binary:
+            # A BINARYMIME message is opaque octets (RFC 3030 3): its lines may end in a
+            # bare LF, and refusing it as "header too big" because its empty line is
+            # not a CRLF would be refusing it for its line endings.
+            for empty in (b"\n\n", b"\n\r\n"):
+                at = probe.find(empty)
+                if at >= 0 and (end < 0 or at + 1 < stop):
+                    end, stop = at, at + 1
         if end >= 0:
             self._in_header = False
-            if end + 2 - len(self._header_tail) > room:
+            if stop - len(self._header_tail) > room:
                 self.error = R.R552_HEADER_TOO_BIG
             return
         self._header_len += len(data)
         self._header_tail = probe[-3:]
-        # A CR after the last CRLF may begin the empty line, which is not in the block.
+        # A CR after the last line end may begin the empty line, which is not in the block.
         over = self._header_len - self._max_header
-        if over > 1 or (over == 1 and not probe.endswith(b"\r\n\r")):
+        pending = probe.endswith(b"\n\r" if self._binary else b"\r\n\r")
+        if over > 1 or (over == 1 and not pending):
             self.error = R.R552_HEADER_TOO_BIG
 
     def _check_bare(self, data: bytes) -> None:

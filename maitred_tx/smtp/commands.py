@@ -284,7 +284,9 @@ def _plain_mailbox(local_part: bytes, domain: bytes) -> Mailbox:
 
 def _parse_full(line: bytes) -> Command:
     """parse_command without the shortcuts: the whole grammar."""
-    text = _decode(line)
+    # RFC 5321 4.1.1: servers SHOULD tolerate trailing white space before the CRLF, and
+    # clients send both SP and HT there (as Postfix, which strips both).
+    text = _decode(line).rstrip(" \t")
     verb, _, arg = text.partition(" ")
     upper = verb.upper()
     parser = _PARSERS.get(upper)

@@ -249,3 +249,34 @@ async def test_bdat_large_binary_into_maildir(serve, tmp_path):
     assert fields[1] == b"Delivered-To: user@localhost"
     assert b" with ESMTP id " in fields[2]
     assert body == payload
+
+
+LF_MESSAGE = b"Subject: lf\nFrom: a@b.org\n\n" + b"binary\n\r\xff" * 25_000  # 250 KB
+
+
+def test_binarymime_is_never_refused_for_its_line_endings(twistd, tmp_path):
+    """``twistd maitred`` as shipped (checks on, Maildir): a BINARYMIME message of bare
+    LFs and CRs, its header block ended by a bare LF empty line, is stored octet
+    for octet; the same content declared 7BIT or 8BITMIME is text, and refused for
+    its bare line endings (550 5.6.0) under the default --bare-line-endings reject."""
+    with twistd("--dns-server", "127.0.0.1:9", "--dns-timeout", "0.2") as server:
+        wire = b"BDAT %d LAST\r\n" % len(LF_MESSAGE) + LF_MESSAGE
+        replies = [
+            bdat_session(server.port, b"MAIL FROM:<a@b.org>%s\r\n" % body, wire, 1)
+            for body in (b" BODY=BINARYMIME", b" BODY=8BITMIME", b"", b" body=binarymime")
+        ]
+    assert replies == [
+        [(250, "2.0.0 OK: message accepted")],
+        [(550, "5.6.0 Message contains a bare <CR> or <LF>")],
+        [(550, "5.6.0 Message contains a bare <CR> or <LF>")],
+        [(250, "2.0.0 OK: message accepted")],
+    ]
+    stored = message_files(tmp_path / "maildir" / "localhost" / "user")
+    assert len(stored) == 2
+    for path in stored:
+        fields, rest = split_trace(path.read_bytes())
+        assert fields[0] == b"Return-Path: <a@b.org>"
+        # Our Authentication-Results field, then the message as sent.
+        assert rest.startswith(b"Authentication-Results: ")
+        assert rest.endswith(b"\r\n" + LF_MESSAGE)
+        assert b"dkim=none" in rest[: -len(LF_MESSAGE)]

@@ -188,6 +188,49 @@ def test_tab_is_not_a_separator() -> None:
     assert parse_command(b"HELP \tx") == Help("\tx")
 
 
+# RFC 5321 4.1.1: trailing white space is tolerated on every command.
+_TRAILING = [b" ", b"\t", b" \t", b"\t ", b"  \t\t "]
+_ANY_VERB = [
+    b"EHLO client.example",
+    b"HELO client.example",
+    b"LHLO client.example",
+    b"MAIL FROM:<a@example.org>",
+    b"MAIL FROM:<>",
+    b"MAIL FROM:<a@example.org> SIZE=100 BODY=8BITMIME",
+    b"RCPT TO:<user@example.test>",
+    b"RCPT TO:<user@example.test> NOTIFY=NEVER",
+    b"DATA",
+    b"BDAT 100",
+    b"BDAT 100 LAST",
+    b"RSET",
+    b"NOOP",
+    b"QUIT",
+    b"HELP",
+    b"HELP MAIL",
+    b"VRFY someone",
+    b"EXPN staff",
+    b"STARTTLS",
+    b"AUTH PLAIN",
+    b"AUTH PLAIN AHVzZXIAcGFzcw==",
+    b"ETRN example.org",
+]
+
+
+@pytest.mark.parametrize("suffix", _TRAILING, ids=repr)
+@pytest.mark.parametrize("line", _ANY_VERB, ids=lambda b: b.decode())
+def test_trailing_white_space_is_tolerated(line: bytes, suffix: bytes) -> None:
+    assert parse_command(line + suffix) == parse_command(line)
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from(_ANY_VERB),
+    st.lists(st.sampled_from([b" ", b"\t"]), min_size=1, max_size=6).map(b"".join),
+)
+def test_trailing_white_space_never_changes_the_command(line: bytes, suffix: bytes) -> None:
+    assert parse_command(line + suffix) == parse_command(line)
+
+
 VERBS = [
     b"EHLO",
     b"HELO",

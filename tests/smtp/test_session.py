@@ -131,6 +131,46 @@ def test_rejected_ehlo_keeps_state() -> None:
 # --- every verb ----------------------------------------------------------------------------
 
 
+def test_trailing_space_and_tab_are_tolerated_on_every_command() -> None:
+    # RFC 5321 4.1.1: "SHOULD tolerate trailing white space"; a TAB after RCPT's path
+    # was once refused with 501.
+    result = run(
+        [
+            "EHLO client.example \t",
+            (250, None),
+            "MAIL FROM:<a@remote.example> SIZE=20\t",
+            (250, "2.1.0"),
+            "RCPT TO:<rcpt@localhost>\t",
+            (250, "2.1.5"),
+            "RCPT TO:<rcpt2@localhost> \t ",
+            (250, "2.1.5"),
+            "DATA\t",
+            (354, None),
+            "Subject: hi",
+            "",
+            ".",
+            (250, "2.0.0"),
+            "MAIL FROM:<>\t",
+            (250, "2.1.0"),
+            "RCPT TO:<rcpt@localhost>\t",
+            (250, "2.1.5"),
+            "BDAT 5 LAST\t",
+            b"hello",
+            (250, "2.0.0"),
+            "NOOP\t",
+            (250, "2.0.0"),
+            "RSET \t",
+            (250, "2.0.0"),
+            "QUIT\t",
+            (221, "2.0.0"),
+        ]
+    )
+    assert result.bodies == [b"Subject: hi\r\n\r\n", b"hello"]
+    assert result.session.errors == 0
+
+
+
+
 def test_every_verb() -> None:
     result = run(
         [
