@@ -293,7 +293,8 @@ def targets_table(
         "(the peers log nothing per message); `maitred-maildir` writes every message "
         "to disk and is shown for information."
     )
-    return [legend, "", *_table(rows), "", *floor_lines(servers, summary)]
+    return [legend, "", *_table(rows), "", *floor_lines(servers, summary),
+            *checks_lines(servers, summary, reps)]
 
 
 def floor_lines(servers: Sequence[str], summary: Summary) -> list[str]:
@@ -321,6 +322,41 @@ def floor_lines(servers: Sequence[str], summary: Summary) -> list[str]:
             f"{target - floor.median:.0f} µs above the floor; spent above it: "
             f"{', '.join(ours) or 'nothing measured'} µs"
             + (f"; the reference {', '.join(references)} µs" if references else "")
+        )
+    return [*lines, ""] if lines else []
+
+
+# (b): the default checks cost at most this much on top of --no-auth-checks (issue 13):
+# maitred-checks' server CPU per message ÷ maitred's, in the same run.
+CHECKS_OVER_NO_CHECKS = 1.3
+
+
+def checks_lines(servers: Sequence[str], summary: Summary,
+                 reps: Repetitions | None = None) -> list[str]:
+    """(b)'s cost of the default checks: ``maitred-checks`` (checks on, the sender's
+    domain without records) against ``maitred`` (``--no-auth-checks``), both logging as
+    a default server does, with the paired range over repetitions."""
+    metric, lines = "server_cpu_us_per_msg", []
+    if "maitred-checks" not in servers or "maitred" not in servers:
+        return []
+    for key in ("b/py", "b/smtp-source"):
+        on = summary.get((key, "maitred-checks"), {}).get(metric)
+        off = summary.get((key, "maitred"), {}).get(metric)
+        if on is None or off is None:
+            continue
+        ratio = on.median / off.median
+        paired = ""
+        if reps:
+            a = reps.get((key, "maitred-checks", metric), {})
+            b = reps.get((key, "maitred", metric), {})
+            ratios = [a[r] / b[r] for r in sorted(a.keys() & b.keys()) if b[r]]
+            if len(ratios) > 1:
+                paired = f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        verdict = "PASS" if ratio <= CHECKS_OVER_NO_CHECKS else "MISS"
+        lines.append(
+            f"- ({key}) default checks: maitred-checks {on.median:.0f} µs/msg ÷ maitred "
+            f"(--no-auth-checks) {off.median:.0f} µs/msg = {ratio:.2f}x{paired}, required "
+            f"≤ {CHECKS_OVER_NO_CHECKS:g}x: {verdict}"
         )
     return [*lines, ""] if lines else []
 

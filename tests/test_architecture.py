@@ -45,7 +45,8 @@ def test_import_contracts() -> None:
 @pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy not installed")
 def test_mypy_strict_core_and_typed_glue() -> None:
     pure_auth = [f"maitred_tx/auth/{m}.py" for m in
-                 ("resolver", "spf", "dkim", "arc", "dmarc", "authresults", "headers")]
+                 ("resolver", "spf", "dkim", "arc", "dmarc", "authresults", "headers",
+                  "verdictcache")]
     strict = _run(sys.executable, "-m", "mypy", "--strict", "maitred_tx/smtp",
                   "maitred_tx/outcomes.py", "maitred_tx/envelope.py", *pure_auth)
     assert strict.returncode == 0, strict.stdout

@@ -77,6 +77,31 @@ def test_floor_lines_say_what_the_target_leaves_above_the_floor(
     assert report.floor_lines(["maitred"], report.summarize(samples[2:])) == []
 
 
+def test_checks_lines_compare_the_default_checks_with_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+    from scenarios import Sample
+
+    samples = [
+        Sample("b/py", server, rep, metrics={"server_cpu_us_per_msg": cpu})
+        for server, rep, cpu in (("maitred", 1, 100.0), ("maitred-checks", 1, 120.0),
+                                 ("maitred", 2, 100.0), ("maitred-checks", 2, 140.0))
+    ]
+    summary, reps = report.summarize(samples), report.by_repetition(samples)
+    assert report.checks_lines(["maitred", "maitred-checks"], summary, reps) == [
+        "- (b/py) default checks: maitred-checks 130 µs/msg ÷ maitred (--no-auth-checks) "
+        "100 µs/msg = 1.30x (1.20-1.40), required ≤ 1.3x: PASS",
+        "",
+    ]
+    slow = [Sample("b/py", "maitred-checks", 1, metrics={"server_cpu_us_per_msg": 131.0}),
+            samples[0]]
+    line = report.checks_lines(["maitred", "maitred-checks"], report.summarize(slow))[0]
+    assert line.endswith("= 1.31x, required ≤ 1.3x: MISS")
+    assert report.checks_lines(["maitred"], summary) == []
+
+
 class _Variant:
     def __init__(self, key: str, kind: str) -> None:
         self.key, self.kind = key, kind

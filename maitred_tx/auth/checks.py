@@ -25,24 +25,33 @@ pure coroutines in ``maitred_tx.auth.verdicts``; they run on the checks thread
 SPF starts at the end of the body rather than at MAIL FROM: its answers usually come
 from the DNS cache, and one hand-over per message costs the reactor less than two.
 
+Most messages need no hand-over at all.  An unsigned message's verdicts depend only on
+the client address, HELO, MAIL FROM, From: field and DNS answers; once computed they are
+kept for as long as every answer they used stays cached (``maitred_tx.auth.verdictcache``)
+and the next such message is judged on the reactor thread from that cache: a dictionary
+lookup, a scan of its header block for signatures and From: fields, and the field.
+
 A bug in the checks never loses mail: the message is delivered without our field (the
 forged ones still removed) and the failure is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
-from collections.abc import Callable
-from dataclasses import replace
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final, cast
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from maitred_tx.auth.authresults import strip_forged
+from maitred_tx.auth.headers import header_end
 from maitred_tx.auth.offthread import CPU_THREADS, BridgedResolver, CheckThread
-from maitred_tx.auth.resolver import Resolver
+from maitred_tx.auth.resolver import Record, Resolver
+from maitred_tx.auth.verdictcache import Expiring, VerdictCache, VerdictKey, verdict_key
 from maitred_tx.auth.verdicts import (
     SPF_TIMEOUT,
     AuthResults,
@@ -71,6 +80,9 @@ SPOOL_MEMORY: Final = 1024 * 1024
 # hold up every other session.
 _REPLAY_CHUNK: Final = 256 * 1024
 _REPLAY_SLICE: Final = 4 * 1024 * 1024
+# Verdicts kept (maitred_tx.auth.verdictcache): one per recent (client, HELO, MAIL
+# FROM, From:) combination; each holds a few hundred octets.
+VERDICT_CACHE_SIZE: Final = 10000
 
 
 
@@ -135,6 +147,29 @@ class Spool:
             self._file.close()
 
 
+class _Recording:
+    """The checks' resolver for one message, noting what was asked and whether every
+    answer came (an SPF evaluation cut short by its timeout leaves lookups pending):
+    the verdict cache needs both."""
+
+    __slots__ = ("_inner", "asked", "futures")
+
+    def __init__(self, inner: BridgedResolver) -> None:
+        self._inner = inner
+        self.asked: set[tuple[str, str]] = set()
+        self.futures: list[asyncio.Future[Sequence[Record]]] = []
+
+    def lookup(self, name: str, rtype: str) -> asyncio.Future[Sequence[Record]]:
+        self.asked.add((name, rtype))
+        future = self._inner.lookup(name, rtype)
+        self.futures.append(future)
+        return future
+
+    @property
+    def complete(self) -> bool:
+        return all(f.done() and not f.cancelled() for f in self.futures)
+
+
 class AuthChecker:
     """Runs the checks of every message of the listeners it is given to.
 
@@ -160,6 +195,12 @@ class AuthChecker:
         self._bridged = BridgedResolver(reactor, resolver)
         self._spf_timeout = spf_timeout
         self.spool_dir = spool_dir
+        # Only a resolver that says how long its answers stay cached lets verdicts be
+        # kept (maitred_tx.auth.dns.TwistedResolver does).
+        self._expiring: Expiring | None = (
+            cast(Expiring, resolver) if callable(getattr(resolver, "expires", None)) else None)
+        self.verdicts = VerdictCache(VERDICT_CACHE_SIZE if self._expiring else 0,
+                                     reactor.seconds)
 
     def start(self) -> None:
         self.thread.start()
@@ -175,18 +216,56 @@ class AuthChecker:
         return SPFRequest(context.peer_host, None if sender is None else str(sender),
                           context.helo or "", context.hostname, self._spf_timeout)
 
-    def verdict(self, spool: Spool, envelope: Envelope, settings: AuthChecks,
-                max_header: int) -> Deferred[Verdict]:
-        """The verdict on a spooled message, computed on the checks thread and fired on
-        the reactor: the one hand-over per message."""
+    def cached_verdict(self, spool: Spool, envelope: Envelope, settings: AuthChecks,
+                       max_header: int) -> tuple[Verdict | None, VerdictKey | None]:
+        """On the reactor: the verdict from the verdict cache when it holds one for
+        this message, and the message's key there (None when its verdict may not be
+        kept: signed, or large From: fields)."""
+        if self._expiring is None:
+            return None, None
+        first = spool.read(0, max_header + 4)
+        end = header_end(first)
+        if end is None:  # no body: all of it is header when it fits (check_message)
+            end = len(first) if len(first) == spool.size else 0
+        head = first[:end]
+        context = envelope.session
         sender = envelope.sender
-        return self.thread.submit(self._verdict(
+        key = verdict_key(head, context.peer_host, context.helo or "",
+                          None if sender is None else str(sender), context.hostname)
+        hit = None if key is None else self.verdicts.get(key)
+        if hit is None:
+            return None, key
+        prefix = hit.header + strip_forged(head, context.hostname)
+        refusal = decide(hit.results, settings, hit.temporary)
+        return Verdict(hit.results, refusal, prefix, end), key
+
+    def verdict(self, spool: Spool, envelope: Envelope, settings: AuthChecks,
+                max_header: int, key: VerdictKey | None = None) -> Deferred[Verdict]:
+        """The verdict on a spooled message, computed on the checks thread and fired on
+        the reactor: the one hand-over per message.  With a *key*, the verdict is kept
+        in the verdict cache as long as the DNS answers it used."""
+        sender = envelope.sender
+        recording = _Recording(self._bridged)
+        hostname = envelope.session.hostname
+        d = self.thread.submit(self._verdict(
             spool, self.spf_request(envelope), None if sender is None else str(sender),
-            settings, envelope.session.hostname, max_header,
+            settings, hostname, max_header, recording,
         ))
+        if key is not None:
+            d.addCallback(self._keep, key, hostname, recording)
+        return d
+
+    def _keep(self, verdict: Verdict, key: VerdictKey, authserv_id: str,
+              recording: _Recording) -> Verdict:
+        """On the reactor, when a message's verdict is back: keep it for the next."""
+        results = verdict.results
+        if results is not None and self._expiring is not None and recording.complete:
+            self.verdicts.put(key, results, authserv_id, recording.asked, self._expiring)
+        return verdict
 
     async def _verdict(self, spool: Spool, spf: SPFRequest, mail_from: str | None,
-                       settings: AuthChecks, authserv_id: str, max_header: int) -> Verdict:
+                       settings: AuthChecks, authserv_id: str, max_header: int,
+                       resolver: Resolver) -> Verdict:
         """On the checks thread, which owns the spool until the verdict is back."""
 
         async def read() -> bytes:
@@ -195,7 +274,7 @@ class AuthChecker:
             return await self.thread.run_cpu(spool.read)  # from disk: not on the loop
 
         return await check_message(
-            self._bridged, self.thread.run_cpu, first=spool.read(0, max_header + 4),
+            resolver, self.thread.run_cpu, first=spool.read(0, max_header + 4),
             size=spool.size, read=read, spf=spf, mail_from=mail_from, settings=settings,
             authserv_id=authserv_id,
         )
@@ -242,9 +321,21 @@ class CheckingSink:
     def abort(self) -> None:
         self._spool.close()
 
-    def close(self) -> Deferred[Any]:
-        d = self._checker.verdict(self._spool, self.envelope, self._settings,
-                                  self._max_header)
+    def close(self) -> Any:
+        checker = self._checker
+        verdict, key = checker.cached_verdict(self._spool, self.envelope, self._settings,
+                                              self._max_header)
+        if verdict is not None:  # judged from the verdict cache, on this thread
+            try:
+                outcome = self._deliver(verdict)
+            except BaseException:
+                self._spool.close()
+                raise
+            if isinstance(outcome, Deferred):
+                return outcome.addBoth(self._closed)
+            return self._closed(outcome)
+        d = checker.verdict(self._spool, self.envelope, self._settings, self._max_header,
+                            key)
         return d.addCallback(self._deliver).addBoth(self._closed)
 
     def _closed(self, result: Any) -> Any:
@@ -275,7 +366,7 @@ class CheckingSink:
                 )
             if verdict.refusal is not None:
                 return _outcome(verdict.refusal)
-        sink = self._open(replace(self.envelope, auth=results))
+        sink = self._open(self.envelope.with_auth(results))
         if is_later(sink) or self._spool.size - verdict.offset > _REPLAY_CHUNK:
             return ensureDeferred(self._deliver_later(sink, verdict))
         spool = self._spool

@@ -4,8 +4,8 @@ Owns the translation from DNS messages to the plain records of ``maitred_tx.auth
 (TXT character-strings joined, RFC 7208 3.3 / RFC 6376 3.6.2.2; CNAME chains in the answer
 section followed, RFC 1034 3.6.2), the error mapping (RCODE 3 -> NXDomain, everything
 that may succeed later -> TemporaryDNSError), and a bounded cache that honours TTLs
-(RFC 1035 3.2.1, negative answers per RFC 2308 5).  The reactor is a parameter; the global
-one is never imported.
+(RFC 1035 3.2.1, negative answers per RFC 2308 5, failures per RFC 2308 7).  The reactor
+is a parameter; the global one is never imported.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from twisted.names import error as nerror
 
 from maitred_tx.auth.resolver import MX, NXDomain, Record, TemporaryDNSError
 
-__all__ = ["TwistedResolver", "parse_dns_server"]
+__all__ = ["FAILURE_TTL", "TwistedResolver", "parse_dns_server"]
 
 _TYPES: Final = {
     "A": dns.A,
@@ -47,6 +47,12 @@ DEFAULT_NEGATIVE_TTL: Final = 300
 MAX_NEGATIVE_TTL: Final = 3 * 3600
 # Positive answers: never beyond a day (Unbound's cache-max-ttl default).
 MAX_TTL: Final = 86400
+# Failed lookups (SERVFAIL, REFUSED, timeouts): RFC 2308 7.1 and 7.2 let a resolver
+# cache a server failure or a dead server for at most five minutes; we keep one for 30
+# seconds, BIND's largest servfail-ttl.  Without it every message from a sender whose
+# domain's servers are broken waits out the timeout again, and each of those lookups
+# costs the reactor as much as the rest of the message.
+FAILURE_TTL: Final = 30
 # Errors that may go away by themselves: timeouts, SERVFAIL / REFUSED / FORMERR / NOTIMP /
 # unknown RCODEs (all DomainError but NXDOMAIN, handled first), and socket trouble.
 _TEMPORARY: Final = (
@@ -62,7 +68,8 @@ _TEMPORARY: Final = (
 @dataclass(frozen=True, slots=True)
 class _Entry:
     expires: float
-    records: tuple[Record, ...] | None  # None: NXDOMAIN
+    records: tuple[Record, ...] | None  # None: NXDOMAIN, or the failure below
+    failure: str | None = None  # a cached TemporaryDNSError's text
 
 
 class _Cache:
@@ -88,10 +95,11 @@ class _Cache:
                 return None
             return entry
 
-    def put(self, key: tuple[str, str], records: tuple[Record, ...] | None, ttl: float) -> None:
+    def put(self, key: tuple[str, str], records: tuple[Record, ...] | None, ttl: float,
+            failure: str | None = None) -> None:
         if ttl <= 0 or self._size <= 0:
             return
-        entry = _Entry(self._clock() + ttl, records)
+        entry = _Entry(self._clock() + ttl, records, failure)
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = entry
@@ -211,11 +219,20 @@ class TwistedResolver:
         there is none; no query.  Safe to call from any thread."""
         return self._hit(name, (name.lower().rstrip("."), rtype.upper()))
 
+    def expires(self, name: str, rtype: str) -> float | None:
+        """When the cached answer (records, NXDOMAIN or failure) for *name* / *rtype*
+        expires, on the cache's clock; None when none is cached.  Verdicts computed
+        from cached answers may be kept that long (maitred_tx.auth.checks)."""
+        entry = self._cache.get((name.lower().rstrip("."), rtype.upper()))
+        return None if entry is None else entry.expires
+
     def _hit(self, name: str, key: tuple[str, str]) -> Sequence[Record] | None:
         cached = self._cache.get(key)
         if cached is None:
             return None
         if cached.records is None:
+            if cached.failure is not None:
+                raise TemporaryDNSError(f"{cached.failure} (cached)")
             raise NXDomain(f"{name}: no such name (cached)")
         return list(cached.records)
 
@@ -239,7 +256,9 @@ class TwistedResolver:
             self._cache.put(key, None, _negative_ttl(getattr(message, "authority", [])))
             raise NXDomain(f"{name}: no such name") from None
         except _TEMPORARY as exc:
-            raise TemporaryDNSError(f"{name} {rtype}: {type(exc).__name__}") from None
+            failure = f"{name} {rtype}: {type(exc).__name__}"
+            self._cache.put(key, None, FAILURE_TTL, failure)
+            raise TemporaryDNSError(failure) from None
         records, ttl = _extract(wire, qtype, answers)
         if ttl is None:  # NODATA (RFC 2308 2.2)
             self._cache.put(key, (), _negative_ttl(authority))

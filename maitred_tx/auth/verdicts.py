@@ -130,14 +130,17 @@ def _printable(text: str | None) -> str | None:
     return text
 
 
-def decide(results: AuthResults, settings: AuthChecks) -> Reply | None:
+def decide(results: AuthResults, settings: AuthChecks,
+           temporary: Sequence[str] | None = None) -> Reply | None:
     """The listener's policy: a refusal for the message, or None to deliver it.
 
     A temporary error that could change the verdict is deferred (451) when asked; a
     DMARC failure under p=reject is refused (550) when asked, but only when no
     temporary error and no unverified (oversized) signature could have made it pass.
+    ``temporary``: ``results.temporary()`` when the caller has it already.
     """
-    temporary = results.temporary()
+    if temporary is None:
+        temporary = results.temporary()
     if temporary and settings.temperror is AuthTempError.DEFER:
         return R.R451_AUTH_TEMPERROR.format(checks=", ".join(temporary))
     dmarc = results.dmarc

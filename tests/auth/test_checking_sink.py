@@ -103,3 +103,17 @@ async def test_a_bug_in_spf_is_logged_with_its_traceback(checker_for) -> None:
     [logged] = [e for e in events if "SPF check failed" in e.get("log_format", "")]
     assert "Traceback" in logged["error"] and "KeyError: 'resolver bug'" in logged["error"]
     assert logged["message_id"] == "M1"
+
+
+def test_with_auth_is_replace_field_by_field() -> None:
+    """Envelope.with_auth names every field: one added later and not copied there would
+    be lost for every checked message, so each gets a value of its own here."""
+    import dataclasses
+
+    values: dict[str, Any] = {f.name: object() for f in dataclasses.fields(Envelope)}
+    before = Envelope(**values)
+    auth = object()
+    after = before.with_auth(auth)
+    assert after == dataclasses.replace(before, auth=auth)
+    assert all(getattr(after, f.name) is getattr(before, f.name)
+               for f in dataclasses.fields(Envelope) if f.name != "auth")

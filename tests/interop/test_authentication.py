@@ -537,3 +537,85 @@ async def test_the_verdicts_join_the_message_log_event(server):
     ]
     assert formatEvent(mine[0]).endswith(": 250 2.0.0 (spf=pass dkim=none arc=none dmarc=pass)")
     assert formatEvent(mine[1]).endswith(": 550 5.7.1 (spf=fail dkim=none arc=none dmarc=fail)")
+
+
+# -- the verdict cache (issue 13) --------------------------------------------------------
+
+
+def count_hand_overs(srv: Running) -> list[int]:
+    """How many messages went to the checks thread (a counter around ``submit``)."""
+    thread = srv.factory.checker.thread
+    submit, count = thread.submit, [0]
+
+    def counting(coroutine: Any) -> Any:
+        count[0] += 1
+        return submit(coroutine)
+
+    thread.submit = counting
+    return count
+
+
+@pytest.mark.parametrize("domain", ["pass.test", "fail.test", "none.test", "temp.test"])
+@pytest_twisted.ensureDeferred
+async def test_a_repeat_sender_is_judged_from_the_verdict_cache(server, domain):
+    """The first unsigned message from a sender goes to the checks thread; the next ones
+    get the same field, from the verdict cache, with no hand-over and no DNS query —
+    pass, fail, NXDOMAIN (none.test) and a cached DNS failure (temp.test: REFUSED)."""
+    srv = server(resolver_class=ThreadRecordingResolver)
+    hand_overs = count_hand_overs(srv)
+    resolver = srv.factory.checker.resolver
+    for i in range(4):
+        msg = message(f"alice@{domain}", body=b"message %d\r\n" % i)
+        assert (await deliver(srv, f"alice@{domain}", msg))[0] == 250
+        if i == 0:
+            queried = resolver.lookups
+    assert hand_overs == [1]
+    assert resolver.lookups == queried
+    fields = {m.body.split(b"\r\nFrom: ")[0] for m in srv.delivery.messages}
+    assert len(fields) == 1  # the same Authentication-Results field every time
+    assert [m.envelope.auth.summary() for m in srv.delivery.messages[1:]] == [
+        srv.delivery.messages[0].envelope.auth.summary()] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_signed_messages_and_other_senders_are_checked_each_time(server):
+    srv = server()
+    hand_overs = count_hand_overs(srv)
+    for _ in range(2):
+        msg = signed(message("alice@pass.test"))
+        assert (await deliver(srv, "alice@pass.test", msg))[0] == 250
+    assert hand_overs == [2]  # a signature is verified for every message
+    for author in ("alice@pass.test", "bob@pass.test"):  # another From: field
+        assert (await deliver(srv, "alice@pass.test", message(author)))[0] == 250
+    assert hand_overs == [4]
+    assert (await deliver(srv, "carol@pass.test", message("alice@pass.test")))[0] == 250
+    assert hand_overs == [5]  # another MAIL FROM
+    assert [m.envelope.auth.dkim[0].result if m.envelope.auth.dkim else "none"
+            for m in srv.delivery.messages] == ["pass", "pass", "none", "none", "none"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cached_verdict_still_refuses_under_dmarc_reject(server):
+    srv = server(auth=AuthChecks(dmarc_reject=True))
+    hand_overs = count_hand_overs(srv)
+    for _ in range(3):
+        code, text = await deliver(srv, "alice@fail.test", message("alice@fail.test"))
+        assert (code, text.split(b" ")[0]) == (550, b"5.7.1")
+    assert hand_overs == [1]
+    assert srv.delivery.messages == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_verdict_expires_with_the_first_dns_answer_it_used(server):
+    """The resolver's cache and the verdict cache on one fake clock: past the zone's TTL
+    (300 s) the verdict is computed again from fresh answers."""
+    srv = server()
+    checker = srv.factory.checker
+    now = [reactor.seconds()]
+    checker.resolver._cache._clock = lambda: now[0]
+    checker.verdicts._clock = lambda: now[0]
+    hand_overs = count_hand_overs(srv)
+    for advance in (0, 299, 2):
+        now[0] += advance
+        assert (await deliver(srv, "alice@pass.test", message("alice@pass.test")))[0] == 250
+    assert hand_overs == [2]
