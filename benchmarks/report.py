@@ -342,7 +342,7 @@ def checks_lines(servers: Sequence[str], summary: Summary,
     for key in ("b/py", "b/smtp-source"):
         on = summary.get((key, "maitred-checks"), {}).get(metric)
         off = summary.get((key, "maitred"), {}).get(metric)
-        if on is None or off is None:
+        if on is None or off is None or off.median <= 0:  # quick runs: below a tick
             continue
         ratio = on.median / off.median
         paired = ""

@@ -26,7 +26,7 @@ from twisted.logger import (
     timeFormatRFC3339,
 )
 
-from maitred_tx.server.protocol import SUMMARY_FORMAT
+from maitred_tx.server.logevents import SUMMARY_FORMAT
 
 __all__ = ["ClassicText", "twistd_observer"]
 

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import protocol
 from twisted_mail_server import Counter, CountingFactory, main
 
-from maitred_tx.server.protocol import _write
+from maitred_tx.server.protocol_base import _write
 
 _END = b"\r\n.\r\n"
 _BDAT = re.compile(rb"BDAT (\d+)( LAST)?", re.IGNORECASE)

@@ -38,8 +38,10 @@ from twisted_mail_server import Counter, CountingFactory, main
 
 from maitred_tx.delivery.discard import DiscardDelivery
 from maitred_tx.envelope import Envelope, Recipient, SessionContext
+from maitred_tx.server.logevents import emit_info as _emit_info
+from maitred_tx.server.logevents import message_summary as _message_summary
 from maitred_tx.server.policy import message_reply, new_id
-from maitred_tx.server.protocol import _emit_info, _message_summary, _write
+from maitred_tx.server.protocol_base import _write
 from maitred_tx.smtp.address import plain_mailbox
 from maitred_tx.smtp.params import NO_MAIL_PARAMS, NO_RCPT_PARAMS
 

@@ -9,17 +9,19 @@ what twisted.mail gets wrong, twisted/twisted#8126).
 
 Everything a peer can get wrong ends here as a Reply; only misuse of this class by
 its caller raises.
+
+This module holds the transaction (HELO/EHLO/LHLO, MAIL, RCPT, DATA, BDAT, RSET, QUIT
+and the simple verbs) and the body; the state they share is ``session_base``, and
+STARTTLS, AUTH and XCLIENT are ``session_tls``, ``session_auth`` and ``session_xclient``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, Final
 
 from maitred_tx.smtp import replies as R
-from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.body import BdatReceiver, ContentChecker, DataReceiver
 from maitred_tx.smtp.commands import (
     Auth,
@@ -44,7 +46,6 @@ from maitred_tx.smtp.commands import (
     XClientCommand,
     parse_command,
 )
-from maitred_tx.smtp.config import Config
 from maitred_tx.smtp.events import (
     NEED_DATA,
     PAUSED,
@@ -66,18 +67,11 @@ from maitred_tx.smtp.events import (
     _Sentinel,
 )
 from maitred_tx.smtp.replies import Reply
-from maitred_tx.smtp.sasl import (
-    MAX_RESPONSE_LINE,
-    Challenge,
-    Credentials,
-    SaslError,
-    SaslExchange,
-)
 from maitred_tx.smtp.sasl import ehlo_keyword as sasl_ehlo_keyword
+from maitred_tx.smtp.session_auth import AuthVerb
+from maitred_tx.smtp.session_tls import StartTlsVerb
+from maitred_tx.smtp.session_xclient import XCLIENT_KEYWORD, XClientVerb
 from maitred_tx.smtp.state import State, next_state, sequence_error
-
-# Postfix XCLIENT_README: the attributes we understand, as advertised in EHLO.
-XCLIENT_KEYWORD: Final = "XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT"
 
 __all__ = [
     "NEED_DATA",
@@ -101,58 +95,10 @@ __all__ = [
 ]
 
 
-_Receiver = DataReceiver | BdatReceiver
-
-
-class ServerSession:
+class ServerSession(StartTlsVerb, AuthVerb, XClientVerb):
     """One session's protocol state; see the module docstring for the calling pattern."""
 
-    def __init__(self, config: Config, *, info: SessionInfo | None = None) -> None:
-        self.config = config
-        self.info = info or SessionInfo(lmtp=config.lmtp)
-        self.state = State.CONNECTED
-        self.transaction: Transaction | None = None
-        self.errors = 0
-        self._limits = config.limits
-        self._in: bytes = b""
-        self._out: list[bytes] = []
-        self._events: list[Event] = []
-        self._pending: Command | None = None
-        self._receiver: _Receiver | None = None
-        self._data_receiver: DataReceiver | None = None  # reused by every DATA body
-        self._checker: ContentChecker | None = None  # content checks across BDAT chunks
-        self._bdat: Bdat | None = None  # the accepted BDAT whose chunk is being read
-        self._chunk_reply: Reply | None = None  # the reply owed for a refused chunk
-        self._pos = 0  # command mode: how much of _in has been parsed
-        self._skip_line = False  # discarding the rest of an over-long command line
-        self._sasl: SaslExchange | None = None  # an AUTH exchange reads the next lines
-        self.auth_failures = 0
-        self._closing = False
-        self._closed = False
-        self._send(_greeting(config.lmtp, config.hostname))
-
-    # --- input and output ----------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        """Store bytes from the peer; nothing is parsed until next_event."""
-        if not self._closing and data:
-            if self._pos:  # drop what has been parsed before appending (one copy per read)
-                self._in, self._pos = self._in[self._pos :], 0
-            self._in = self._in + data if self._in else data
-
-    def data_to_send(self) -> bytes:
-        """All replies produced so far, as one write."""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
-
-    @property
-    def paused(self) -> bool:
-        return self._pending is not None
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
+    # --- events -----------------------------------------------------------------------------
 
     def next_event(self) -> Event | _Sentinel:
         """The next thing to act on, NEED_DATA, or PAUSED while a decision is pending."""
@@ -177,7 +123,7 @@ class ServerSession:
             elif not self._read_command():
                 return NEED_DATA
 
-    # --- decisions -----------------------------------------------------------------
+    # --- decisions --------------------------------------------------------------------------
 
     def decide(self, reply: Reply | None = None) -> None:
         """Answer the pending Hello/Mail/Rcpt/MessageComplete event."""
@@ -221,7 +167,7 @@ class ServerSession:
         self._abort_message(None)
         self._closing = self._closed = True
 
-    # --- command mode ---------------------------------------------------------------
+    # --- command mode -----------------------------------------------------------------------
 
     def _read_command(self) -> bool:
         buf, pos = self._in, self._pos
@@ -353,122 +299,7 @@ class ServerSession:
         else:
             self._send(R.R250_OK)  # NOOP
 
-    # --- STARTTLS (RFC 3207) and AUTH (RFC 4954) ---------------------------------------
-
-    def _on_starttls(self, command: StartTls) -> None:
-        if not self.config.starttls:
-            self._error(R.R502_STARTTLS_UNAVAILABLE)
-        elif self.info.tls:
-            self._error(R.R503_TLS_ACTIVE)
-        else:
-            self._send(R.R220_READY_TLS)
-            # RFC 3207 4.2 / CVE-2011-0411: nothing the client sent before the handshake
-            # may be read as a command afterwards.
-            self._in, self._pos = b"", 0
-            self._wait(command, StartTlsRequested())
-
-    def tls_started(self) -> None:
-        """The handshake is under way: forget everything from before it (RFC 3207 4.2)."""
-        if not isinstance(self._pending, StartTls):
-            raise RuntimeError("tls_started() without a pending STARTTLS")
-        self._pending = None
-        self._in, self._pos = b"", 0
-        self._end_transaction(None)
-        self.state = State.CONNECTED
-        self.info = SessionInfo(lmtp=self.info.lmtp, tls=True, trusted=self.info.trusted)
-
-    def _on_xclient(self, command: XClientCommand) -> None:
-        if not self.info.trusted:
-            self._error(R.R550_XCLIENT_DENIED)
-        else:
-            self._wait(command, XClientReceived(command.attributes))
-
-    def xclient_applied(self) -> None:
-        """The new client identity is in place: start over with a greeting, as Postfix
-        does; LOGIN= counts as authenticated (the proxy did the authentication)."""
-        command = self._pending
-        if not isinstance(command, XClientCommand):
-            raise RuntimeError("xclient_applied() without a pending XCLIENT")
-        self._pending = None
-        if self._closing:
-            return
-        self._end_transaction(None)
-        self.state = State.CONNECTED
-        login = command.attributes.login
-        self.info = SessionInfo(
-            lmtp=self.info.lmtp, tls=self.info.tls, trusted=True, authenticated=login
-        )
-        self._send(_greeting(self.config.lmtp, self.config.hostname))
-
-    def close_with(self, reply: Reply) -> None:
-        """End the session with *reply* (a 421 of the caller's: limits, shutdown)."""
-        self._close_with(reply)
-
-    def _on_auth(self, command: Auth) -> None:
-        if not (self.config.submission and self.config.auth):
-            self._error(R.R503_AUTH_UNAVAILABLE)  # MX and LMTP listeners refuse AUTH
-        elif self.info.authenticated is not None:
-            self._error(R.R503_ALREADY_AUTHENTICATED)  # RFC 4954 4
-        elif not self._auth_offered():
-            self._error(R.R538_ENCRYPTION_REQUIRED)  # RFC 4954 6
-        else:
-            exchange = SaslExchange(command.mechanism)
-            self._sasl_step(exchange, lambda: exchange.start(command.initial))
-
-    def _sasl_step(
-        self, exchange: SaslExchange, step: Callable[[], Challenge | Credentials]
-    ) -> None:
-        try:
-            result = step()
-        except SaslError as e:
-            self._sasl = None
-            self._error(e.reply)
-            return
-        if isinstance(result, Challenge):
-            self._sasl = exchange
-            self._out.append(result.encode())
-        else:
-            self._sasl = None
-            self._wait(Auth(exchange.mechanism), AuthRequested(exchange.mechanism, result))
-
-    def _read_sasl_line(self) -> bool:
-        buf, pos = self._in, self._pos
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
-            if len(buf) - pos > MAX_RESPONSE_LINE + 2:  # RFC 4954 4
-                self._in, self._pos, self._sasl = b"", 0, None
-                self._skip_line = True
-                self._error(R.R500_AUTH_LINE_TOO_LONG)
-                return True
-            return False
-        self._pos = nl + 1
-        exchange = self._sasl
-        assert exchange is not None
-        line = buf[pos:nl].removesuffix(b"\r").decode("ascii", "replace")
-        self._sasl_step(exchange, lambda: exchange.respond(line))
-        return True
-
-    def auth_result(self, identity: str | None) -> None:
-        """Answer the pending AuthRequested: the authenticated identity, or None."""
-        if not isinstance(self._pending, Auth):
-            raise RuntimeError("auth_result() without a pending AUTH")
-        self._pending = None
-        if self._closing:
-            return
-        if identity is None:
-            self.auth_failures += 1
-            self._error(R.R535_AUTH_FAILED)
-            if self.auth_failures >= self._limits.max_auth_failures:
-                self._close_with(R.R421_TOO_MANY_AUTH_FAILURES)
-            return
-        self.info = replace(self.info, authenticated=identity)
-        self._send(R.R235_AUTH_OK)
-
-    # --- decisions applied -------------------------------------------------------------
-
-    def _wait(self, command: Command, event: Event) -> None:
-        self._pending = command
-        self._events.append(event)
+    # --- decisions applied ------------------------------------------------------------------
 
     def _decided_hello(self, command: Ehlo | Helo | Lhlo, reply: Reply | None) -> None:
         if reply is not None and not reply.is_positive:
@@ -510,16 +341,6 @@ class ServerSession:
             extra.append(XCLIENT_KEYWORD)
         return extra
 
-    def _auth_offered(self) -> bool:
-        """AUTH is for submission only, and never in the clear unless told (issue 4)."""
-        config, info = self.config, self.info
-        return (
-            config.submission
-            and config.auth
-            and info.authenticated is None
-            and (info.tls or config.insecure_auth)
-        )
-
     def _decided_mail(self, command: MailFrom, reply: Reply | None) -> None:
         if reply is not None and not reply.is_positive:
             self._refuse(command, reply)
@@ -544,7 +365,7 @@ class ServerSession:
         self.transaction = None
         self.state = State.GREETED
 
-    # --- body mode ---------------------------------------------------------------------
+    # --- body mode --------------------------------------------------------------------------
 
     def _start_message(self, txn: Transaction) -> None:
         txn.started = True
@@ -618,51 +439,6 @@ class ServerSession:
             return
         self._wait(self._bdat or Data(), MessageComplete(txn))
 
-    def _end_transaction(self, reply: Reply | None) -> None:
-        self._abort_message(reply)
-        self.transaction = None
-        self._checker = None
-        if self.state is not State.CONNECTED:
-            self.state = State.GREETED
-
-    def _abort_message(self, reply: Reply | None) -> None:
-        txn = self.transaction
-        if txn is not None and txn.started:
-            txn.started = False
-            self._events.append(MessageAborted(reply))
-
-    # --- helpers ------------------------------------------------------------------------
-
-    def _may_relay(self) -> bool:
-        return self.config.relay or self.info.authenticated is not None
-
-    def _is_local(self, mailbox: Mailbox) -> bool:
-        # RFC 5321 4.5.1: <Postmaster> without a domain is always ours.
-        return mailbox.domain == "" or self.config.is_local_domain(mailbox.domain)
-
-    def _send(self, reply: Reply) -> None:
-        self._out.append(reply.encode(self.info.esmtp))
-
-    def _refuse(self, command: MailFrom | RcptTo, reply: Reply) -> None:
-        """A sender or recipient refused: worth a log line (dictionary attacks, typos)."""
-        self._events.append(Refused(command, reply))
-        self._error(reply)
-
-    def _error(self, reply: Reply) -> None:
-        """Send a negative reply and count it; too many ends the session (421 4.7.0)."""
-        self._send(reply)
-        self.errors += 1
-        if self.errors >= self._limits.max_errors and not self._closing:
-            self._close_with(R.R421_TOO_MANY_ERRORS)
-
-    def _close_with(self, reply: Reply) -> None:
-        if self._closing:
-            return
-        self._abort_message(None)
-        self._send(reply.format(hostname=self.config.hostname))
-        self._closing = True
-        self._in, self._pos = b"", 0
-
 
 def _info_with_hello(i: SessionInfo, helo: str, esmtp: bool) -> SessionInfo:
     """``replace(i, helo=helo, esmtp=esmtp)``, for every EHLO: each field named, at half
@@ -702,11 +478,6 @@ _HANDLERS: Final[dict[type[Command], Callable[[ServerSession, Any], None]]] = {
 
 
 # Replies every session sends, the same for a listener: built and encoded once.
-@functools.lru_cache(maxsize=64)
-def _greeting(lmtp: bool, hostname: str) -> Reply:
-    return (R.R220_LMTP_GREETING if lmtp else R.R220_GREETING).format(hostname=hostname)
-
-
 @functools.lru_cache(maxsize=64)
 def _helo_reply(hostname: str) -> Reply:
     return R.R250_HELO.format(hostname=hostname)

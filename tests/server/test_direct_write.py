@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from twisted.internet import main, tcp
 
-from maitred_tx.server.protocol import _write
+from maitred_tx.server.protocol_base import _write
 
 
 class _Transport:

@@ -22,7 +22,9 @@ from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
 from maitred_tx import tap
-from maitred_tx.server.protocol import SUMMARY_FORMAT, _message_summary, _session_summary
+from maitred_tx.server.logevents import SUMMARY_FORMAT
+from maitred_tx.server.logevents import message_summary as _message_summary
+from maitred_tx.server.logevents import session_summary as _session_summary
 from maitred_tx.textlog import ClassicText, twistd_observer
 
 
