@@ -3,14 +3,9 @@ fake clock, the error mapping, and ``parse_dns_server``."""
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
-import socket
-import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,98 +25,29 @@ from maitred_tx.auth.dns import (
 from maitred_tx.auth.resolver import MX, NXDomain, TemporaryDNSError
 from maitred_tx.auth.spf import SPFResult, check_host
 
-DNSMASQ = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
-TTL = 300  # --local-ttl: the TTL dnsmasq gives its configured records
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-needs_dnsmasq = pytest.mark.skipif(
-    DNSMASQ is None, reason="dnsmasq not installed (apt-get install dnsmasq-base)"
-)
-
-
-@dataclass
-class Dnsmasq:
-    port: int
-    log: Path
-    syncs: int = 0
-
-    def queries(self, rtype: str, name: str) -> int:
-        """How many times dnsmasq has been asked (its --log-queries lines)."""
-        needle = f"query[{rtype}] {name} from"
-        return self.log.read_text().count(needle) if self.log.exists() else 0
-
-    async def count(self, rtype: str, name: str) -> int:
-        """Queries seen so far.  dnsmasq writes its log from its event loop, in order: a
-        fresh query for a unique name, once logged, means every earlier one is too."""
-        self.syncs += 1
-        sentinel = f"sync{self.syncs}.example.test"
-        with pytest.raises(NXDomain):
-            await self.resolver(cache_size=0).lookup(sentinel, "A")
-        deadline = time.monotonic() + 5
-        while not self.queries("A", sentinel) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return self.queries(rtype, name)
-
-    def resolver(self, **kw: object) -> TwistedResolver:
-        return TwistedResolver(reactor, [("127.0.0.1", self.port)], **kw)  # type: ignore[arg-type]
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dnsmasq_support import TTL, Dnsmasq, needs_dnsmasq, run_dnsmasq
 
 
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
-    if DNSMASQ is None:
-        pytest.skip("dnsmasq not installed (apt-get install dnsmasq-base)")
-    log = tmp_path_factory.mktemp("dnsmasq") / "queries.log"
-    port = _free_udp_port()
-    # On the command line dnsmasq takes TXT strings comma-separated, quotes literal.
-    args = [
-        DNSMASQ,
-        "--no-daemon",
-        f"--port={port}",
-        "--listen-address=127.0.0.1",
-        "--bind-interfaces",
-        "--no-resolv",
-        "--no-hosts",
-        "--conf-file=/dev/null",
-        "--local=/example.test/",
-        f"--local-ttl={TTL}",
-        "--log-queries",
-        f"--log-facility={log}",
-        f"--user={pwd.getpwuid(os.getuid()).pw_name}",
-        "--pid-file=",
-        "--txt-record=example.test,v=spf1 ip4:192.0.2.0/24 a:host.example.test -all",
-        "--txt-record=multi.example.test,v=spf1 ,ip4:198.51.100.0/24, -all",
-        "--txt-record=latin.example.test,caf\xe9",
-        "--host-record=host.example.test,192.0.2.10,2001:db8::10",
-        "--host-record=v4only.example.test,192.0.2.11",
-        "--host-record=mx1.example.test,192.0.2.25",
-        "--mx-host=example.test,mx1.example.test,10",
-        "--mx-host=example.test,mx2.example.test,20",
-        "--cname=alias.example.test,host.example.test",
-        "--cname=alias2.example.test,alias.example.test",
-        *(f"--host-record=c{i}.example.test,192.0.2.{100 + i}" for i in range(4)),
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not (log.exists() and "started" in log.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            _, err = proc.communicate()
-            pytest.fail(f"dnsmasq did not start: {err.decode(errors='replace')}")
-        time.sleep(0.02)
-    try:
-        yield Dnsmasq(port, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    yield from run_dnsmasq(
+        tmp_path_factory.mktemp("dnsmasq"),
+        [
+            "--txt-record=example.test,v=spf1 ip4:192.0.2.0/24 a:host.example.test -all",
+            "--txt-record=multi.example.test,v=spf1 ,ip4:198.51.100.0/24, -all",
+            "--txt-record=latin.example.test,caf\xe9",
+            "--host-record=host.example.test,192.0.2.10,2001:db8::10",
+            "--host-record=v4only.example.test,192.0.2.11",
+            "--host-record=mx1.example.test,192.0.2.25",
+            "--mx-host=example.test,mx1.example.test,10",
+            "--mx-host=example.test,mx2.example.test,20",
+            "--cname=alias.example.test,host.example.test",
+            "--cname=alias2.example.test,alias.example.test",
+            *(f"--host-record=c{i}.example.test,192.0.2.{100 + i}" for i in range(4)),
+        ],
+    )
 
 
 # ---------------------------------------------------------------- answers
