@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -19,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maitred_tx.auth.resolver import Resolver
+from maitred_tx.metrics import Metrics
 from maitred_tx.server.factory import SMTPFactory
 from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.smtp.config import Config
@@ -51,7 +54,9 @@ class SMTPService(MultiService):
 
     Every listener added with ``listen`` may have its own Config (mode, limits); the
     portal (AUTH), TLS context (STARTTLS on TCP listeners; ``ssl:`` endpoints are
-    implicit TLS), trusted proxies and the per-client limits are shared.
+    implicit TLS), trusted proxies and the per-client limits are shared.  With
+    *metrics* (``maitred_tx.metrics.Metrics``) every listener counts into it; serve it
+    with ``maitred_tx.metrics.metrics_service``.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class SMTPService(MultiService):
         resolver: Resolver | None = None,
         dns_servers: Sequence[tuple[str, int]] | None = None,
         dns_timeout: float = DEFAULT_DNS_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -89,6 +95,7 @@ class SMTPService(MultiService):
         self.dns_timeout = dns_timeout
         self.checker: Any = None
         self.factories: list[SMTPFactory] = []
+        self.metrics = metrics
         for description in listen:
             self.listen(description, config)
 
@@ -99,6 +106,22 @@ class SMTPService(MultiService):
 
     def listen(self, description: str, config: Config) -> SMTPFactory:
         """Add a listener on *description* with its own *config*."""
+        factory, served, description = self._serve(description, config)
+        description = with_backlog(description, default_backlog())
+        strports.service(description, served, reactor=self.reactor).setServiceParent(self)
+        return factory
+
+    def adopt(self, fd: int, description: str, config: Config) -> SMTPFactory:
+        """Add a listener on the listening socket *fd*, made for *description* by
+        another process (``maitred_tx.workers``: the parent binds, every worker
+        accepts).  The socket is duplicated; *fd* is not closed."""
+        factory, served, _ = self._serve(description, config)
+        _AdoptedPort(self.reactor, fd, served).setServiceParent(self)
+        return factory
+
+    def _serve(self, description: str, config: Config) -> tuple[SMTPFactory, Any, str]:
+        """The factory for a listener, what the port serves (the factory, or TLS around
+        it for implicit TLS) and the description to listen on."""
         if self.tls is not None and description.startswith(_STARTTLS_ENDPOINTS):
             config = replace(config, starttls=True)
         if self.portal is not None:
@@ -112,6 +135,7 @@ class SMTPService(MultiService):
             trusted_proxies=self.trusted_proxies,
             limiter=self.limiter,
             checker=self._checker() if config.checks_messages else None,
+            metrics=self.metrics,
         )
         served: Any = factory
         plain = implicit_tls_as_tcp(description) if self.tls is not None else None
@@ -120,10 +144,8 @@ class SMTPService(MultiService):
             # certificate asked for (Twisted's ssl: parser builds a context that never
             # asks), so deliveries see the same facts as after STARTTLS.
             description, served = plain, TLSMemoryBIOFactory(self.tls, False, factory)
-        description = with_backlog(description, default_backlog())
-        strports.service(description, served, reactor=self.reactor).setServiceParent(self)
         self.factories.append(factory)
-        return factory
+        return factory, served, description
 
     def _checker(self) -> Any:
         if self.checker is None:
@@ -213,6 +235,25 @@ def implicit_tls_as_tcp(description: str) -> str | None:
     ]
     kept = [p for p in named if p.partition("=")[0].lower() not in _SSL_ONLY_ARGS]
     return ":".join(["tcp", *kept])
+
+
+class _AdoptedPort(Service):
+    """Accepts on a listening socket another process bound (``SMTPService.adopt``)."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
+        self.reactor, self.fd, self.factory = reactor, fd, factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        with socket.socket(fileno=os.dup(self.fd)) as sock:
+            family = sock.family
+        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        return None if port is None else port.stopListening()
 
 
 class _CheckerService(Service):

@@ -4,6 +4,7 @@ twisted/plugins/ only names this module, so plugin scans stay cheap."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from ipaddress import ip_network
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from twisted.python import reflect, usage
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
+from maitred_tx.metrics import default_metrics, metrics_service
 from maitred_tx.server.tls import server_context
 from maitred_tx.service import DEFAULT_DNS_TIMEOUT, DEFAULT_LISTEN, SMTPService
 from maitred_tx.smtp.config import (
@@ -28,6 +30,7 @@ from maitred_tx.smtp.config import (
     Mode,
 )
 from maitred_tx.textlog import twistd_observer
+from maitred_tx.workers import WorkerPool, become_worker, worker_command, worker_limits
 
 __all__ = ["Options", "makeService"]
 
@@ -87,7 +90,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                                  "(default: this machine's name).", str],
         ["maildir", None, "./maildir", "Root of the Maildir tree for --delivery "
                                        "maildir: ROOT/<domain>/<local part>/."],
-        ["delivery", None, "maildir", "Where mail goes: 'maildir', 'discard' (accepts "
+        ["spool", None, "./spool", "Spool directory of --delivery queue (the outbound "
+                                   "queue; see maitred-queue)."],
+        ["delivery", None, "maildir", "Where mail goes: 'maildir', 'queue' (the outbound "
+                                      "queue in --spool, for relaying), 'discard' (accepts "
                                       "and drops, for load tests) or "
                                       "'python:package.module.name' (an IDelivery, a "
                                       "twisted.mail IMessageDelivery(Factory), or a "
@@ -133,6 +139,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-dkim-size", None, _AUTH.max_dkim_size, "Largest message whose DKIM and ARC "
                                                      "signatures are verified, in octets "
                                                      "(larger: dkim=policy).", _natural],
+        ["workers", None, 0, "Serve from this many worker processes (0: serve in this "
+                             "process).  This process binds the listeners, starts the "
+                             "workers and restarts any that dies; per-client limits are "
+                             "shared out among them.", _natural],
+        ["inherited-fds", None, None, "Internal: the listening sockets a worker of "
+                                      "--workers inherits, in listener order."],
+        ["metrics", None, None, "Twisted server endpoint string for a Prometheus "
+                                "/metrics endpoint, e.g. tcp:9025:interface=127.0.0.1 "
+                                "(default: none).  Keep it on loopback or a private "
+                                "network: it tells how much mail flows."],
         ["bare-line-endings", None, "reject", "A bare CR or LF inside a message: "
                                               "'reject' (550 5.6.0) or 'accept' (store "
                                               "as sent).  Neither ever ends DATA."],
@@ -190,12 +206,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["bare-line-endings"] not in ("reject", "accept"):
             raise usage.UsageError("--bare-line-endings must be 'reject' or 'accept'")
         delivery = self["delivery"]
-        if delivery not in ("maildir", "discard") and not delivery.startswith("python:"):
-            raise usage.UsageError("--delivery must be maildir, discard or python:NAME")
+        if delivery not in ("maildir", "queue", "discard") and not delivery.startswith(
+                "python:"):
+            raise usage.UsageError("--delivery must be maildir, queue, discard or python:NAME")
         try:
             self.config = self.make_config()
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["workers"] and not self["tls-cert"] and any(
+                d.startswith("ssl:") for d in self.listener_descriptions()):
+            raise usage.UsageError("with --workers, ssl: listeners need --tls-cert "
+                                   "(the workers make the TLS context)")
+        if self["inherited-fds"] is not None:
+            try:
+                self["inherited-fds"] = [int(f) for f in self["inherited-fds"].split(",")]
+            except ValueError:
+                raise usage.UsageError("--inherited-fds: comma-separated numbers") from None
+            if len(self["inherited-fds"]) != len(self.listener_descriptions()):
+                raise usage.UsageError("--inherited-fds: one per listener")
+
+    def listener_descriptions(self) -> list[str]:
+        """Every listener's endpoint description, in the order listeners are made."""
+        return (self["listen"] + self["submission"] + self["lmtp"]) or [DEFAULT_LISTEN]
 
     def make_config(self) -> Config:
         import socket
@@ -215,6 +247,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             data_timeout=self["data-timeout"],
             session_deadline=self["session-deadline"],
         )
+        if self["workers"]:
+            limits = worker_limits(limits, self["workers"])
         return Config(
             hostname=self["hostname"] or socket.getfqdn(),
             local_domains=frozenset(self["domain"] or ["localhost"]),
@@ -246,6 +280,8 @@ def load_delivery(options: Options, reactor: Any) -> Any:
         root = os.path.abspath(options["maildir"])
         postmaster = (options["domain"] or ["localhost"])[0]
         return MaildirDelivery(root, reactor, postmaster_domain=postmaster)
+    if name == "queue":
+        return _queue_delivery(options, reactor)
     obj = reflect.namedAny(name[len("python:") :])
     from maitred_tx.delivery.compat import delivery_provider
 
@@ -257,9 +293,29 @@ def load_delivery(options: Options, reactor: Any) -> Any:
     return obj
 
 
-def makeService(options: Options) -> SMTPService:
+def _queue_delivery(options: Options, reactor: Any) -> Any:
+    """The outbound queue in --spool.  The process that owns the spool recovers it
+    (cleans up after a crash, takes its lock); a --workers worker only adds to it."""
+    from maitred_tx.delivery.queue import QueueDelivery
+    from maitred_tx.queue.spool import SpoolLocked, SpoolStore
+    from maitred_tx.queue.threaded import ThreadedQueue, log_recovery
+
+    store = SpoolStore(os.path.abspath(options["spool"]))
+    if options.get("inherited-fds") is None:
+        try:
+            log_recovery(store.root, store.recover())
+        except SpoolLocked as e:
+            raise usage.UsageError(f"--spool: {e}") from None
+    else:
+        store.prepare()
+    return QueueDelivery(ThreadedQueue(store, reactor))
+
+
+def makeService(options: Options) -> Any:
     from twisted.internet import reactor  # only here: twistd's own entry point
 
+    if options["workers"] and options["inherited-fds"] is None:
+        return _supervisor(options, reactor)
     config = options.config
     delivery = load_delivery(options, reactor)
     if config.relay:
@@ -279,21 +335,61 @@ def makeService(options: Options) -> SMTPService:
     listeners += [(d, lmtp) for d in options["lmtp"]]
     if not listeners:
         listeners = [(DEFAULT_LISTEN, config)]
+    assert [d for d, _ in listeners] == options.listener_descriptions()
     service = _TwistdService(
         reactor, config, delivery, (), portal=portal, tls=tls,
         trusted_proxies=options["trusted-proxy"],
         dns_servers=options["dns-server"] or None, dns_timeout=options["dns-timeout"],
+        metrics=default_metrics() if options["metrics"] else None,
     )
-    for description, listener_config in listeners:
-        service.listen(description, listener_config)
+    inherited = options["inherited-fds"]
+    if inherited is not None:
+        become_worker(reactor)
+    for i, (description, listener_config) in enumerate(listeners):
+        if inherited is None:
+            service.listen(description, listener_config)
+        else:  # a worker of --workers: accept on the supervisor's sockets
+            service.adopt(inherited[i], description, listener_config)
+    if options["metrics"] and inherited is None:  # a worker counts; its supervisor serves
+        metrics_service(reactor, options["metrics"]).setServiceParent(service)
     service.text_log = twistd_observer(getattr(options, "parent", None))
     return service
 
 
-class _TwistdService(SMTPService):
-    """The service ``twistd maitred`` runs: it also gives twistd its log observer,
-    twistd's own with a cheaper formatter (``maitred_tx.textlog``), the one way a
-    plugin can, as the application's ILogObserver component."""
+def _supervisor(options: Options, reactor: Any) -> Any:
+    """``--workers N``: this process binds, supervises and logs; workers serve."""
+    twistd = getattr(options, "parent", None) or {}
+    worker_twistd: list[str] = []
+    if twistd.get("syslog"):
+        worker_twistd += ["--syslog", f"--prefix={twistd.get('prefix') or 'twisted'}"]
+    elif twistd.get("logger"):
+        factory = twistd["logger"]  # twistd keeps the object: name it again
+        worker_twistd += [f"--logger={factory.__module__}.{factory.__qualname__}"]
+    maitred_args = _own_arguments()
+    text_log = twistd_observer(twistd or None)
+    pool = _TwistdPool(
+        reactor, options.listener_descriptions(), options["workers"],
+        lambda fds: worker_command(worker_twistd, maitred_args, fds),
+        log_file=getattr(text_log, "_outFile", None) if not worker_twistd else None,
+        implicit_tls=bool(options["tls-cert"]),
+    )
+    pool.text_log = text_log
+    return pool
+
+
+def _own_arguments() -> list[str]:
+    """The arguments ``maitred`` was given on this twistd command line (a worker gets
+    the same ones)."""
+    argv = sys.argv[1:]
+    if "maitred" not in argv:
+        raise usage.UsageError("--workers works from the twistd command line only")
+    return argv[argv.index("maitred") + 1 :]
+
+
+class _ProvidesLogObserver:
+    """Gives twistd its log observer, twistd's own with a cheaper formatter
+    (``maitred_tx.textlog``), the one way a plugin can: as the application's
+    ILogObserver component."""
 
     text_log: Any = None
 
@@ -304,7 +400,15 @@ class _TwistdService(SMTPService):
             and parent.getComponent(ILogObserver, None) is None
         ):
             parent.setComponent(ILogObserver, self.text_log)
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[misc]
+
+
+class _TwistdService(_ProvidesLogObserver, SMTPService):
+    """The service ``twistd maitred`` runs."""
+
+
+class _TwistdPool(_ProvidesLogObserver, WorkerPool):
+    """The supervisor ``twistd maitred --workers N`` runs."""
 
 
 def _bytes_users(checker: Any) -> Any:

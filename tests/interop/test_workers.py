@@ -1,0 +1,160 @@
+"""``twistd maitred --workers N`` (issue 13): real processes sharing the listeners.
+
+The supervisor binds, the workers accept on the inherited sockets; a stopped or killed
+worker does not stop the service, a killed one is started again, SIGTERM to the
+supervisor stops everything with 421, and workers do not outlive their supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from maitred_interop import LOCALHOST, Client, twistd_command
+
+from maitred_tx.smtp.config import Limits
+from maitred_tx.workers import worker_limits
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def greets(port: int) -> bool:
+    with Client(port, timeout=5) as c:
+        return c.reply().code == 220
+
+
+def ready(server, count: int) -> list[int]:
+    """The workers' pids, once *count* run and the service greets."""
+    wait_until(lambda: len(children(server.pid)) == count, what=f"{count} workers")
+    wait_until(lambda: greets(server.port), what="a greeting")
+    # Each worker logs its factory's start once it accepts.
+    wait_until(lambda: server.log_text().count("SMTPFactory starting on") >= count,
+               what="every worker listening")
+    return children(server.pid)
+
+
+def send(port: int, n: int = 1) -> list[int]:
+    codes = []
+    for i in range(n):
+        with smtplib.SMTP(LOCALHOST, port, timeout=10) as s:
+            s.ehlo("client.test")
+            assert s.mail("a@example.org")[0] == 250
+            assert s.rcpt("user@localhost")[0] == 250
+            codes.append(s.data(f"Subject: {i}\r\n\r\nbody\r\n".encode())[0])
+    return codes
+
+
+def test_a_stopped_worker_leaves_the_others_serving(twistd):
+    with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks") as server:
+        first, second = ready(server, 2)
+        os.kill(first, signal.SIGSTOP)
+        try:
+            assert send(server.port, 6) == [250] * 6  # all taken by the other worker
+        finally:
+            os.kill(first, signal.SIGCONT)
+        assert alive(second)
+    # Both workers' lines are in the supervisor's log file, whole.
+    log = server.log_text()
+    assert log.count(" message ") >= 6
+    assert all(line[:4].isdigit() or line.startswith("\t") for line in log.splitlines())
+
+
+def test_a_killed_worker_is_started_again(twistd):
+    with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks") as server:
+        workers = ready(server, 2)
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: len(children(server.pid)) == 2
+                   and workers[0] not in children(server.pid), what="a new worker")
+        assert send(server.port, 2) == [250, 250]
+        assert "worker 0 ended" in server.log_text()
+        assert "restarting in 1s" in server.log_text()
+
+
+def test_sigterm_says_421_and_stops_every_process(twistd):
+    with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks") as server:
+        workers = ready(server, 2)
+        with Client(server.port) as c:
+            c.greet()
+            server.process.send_signal(signal.SIGTERM)
+            replies = c.rest(timeout=10)
+        assert server.process.wait(20) in (0, -signal.SIGTERM)
+        wait_until(lambda: not any(alive(w) for w in workers), what="workers gone")
+    assert [(r.code, r.status) for r in replies] == [(421, "4.3.2")]
+    assert "Traceback" not in server.log_text()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(twistd):
+    with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks") as server:
+        workers = ready(server, 2)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+        wait_until(lambda: not any(alive(w) for w in workers), timeout=20,
+                   what="orphaned workers to stop")
+
+
+def test_per_client_limits_are_shared_out(twistd):
+    """--max-client-connections 4 over 2 workers: 2 each, so one client never gets
+    more than 4 sessions in all."""
+    with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks",
+                "--max-client-connections", "4") as server:
+        ready(server, 2)
+        clients = [Client(server.port, timeout=5) for _ in range(10)]
+        try:
+            codes = [c.reply().code for c in clients]
+        finally:
+            for c in clients:
+                c.close()
+    assert set(codes) <= {220, 421}
+    assert 2 <= codes.count(220) <= 4
+
+
+def test_worker_limits() -> None:
+    limits = Limits(max_client_connections=50, max_client_connection_rate=0,
+                    max_client_message_rate=7)
+    shared = worker_limits(limits, 4)
+    assert (shared.max_client_connections, shared.max_client_connection_rate,
+            shared.max_client_message_rate) == (13, 0, 2)
+    assert worker_limits(limits, 1) == limits
+    assert worker_limits(Limits(max_client_connections=1), 8).max_client_connections == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "2", "--submission", "ssl:4650:interface=127.0.0.1"],
+         "ssl: listeners need --tls-cert"),
+        (["--inherited-fds", "3,4"], "one per listener"),
+    ],
+)
+def test_worker_options_are_checked(tmp_path, args, message):
+    result = subprocess.run([twistd_command(), "-n", "--pidfile=", "maitred", *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
