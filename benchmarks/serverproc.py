@@ -154,6 +154,15 @@ SERVERS: dict[str, ServerSpec] = {
             is_maitred=True,
         ),
         ServerSpec(
+            "maitred-metrics",
+            "maitred-nolog with --metrics: every counter counts (the endpoint listens on "
+            "a UNIX socket and is not scraped while measured)",
+            _maitred("--delivery", "discard", NO_CHECKS, "--metrics",
+                     "unix:{workdir}/metrics.sock", twistd=(NULL_LOGGER,)),
+            prints_ready=False,
+            is_maitred=True,
+        ),
+        ServerSpec(
             "maitred-maildir",
             "maitred_tx via twistd, --delivery maildir",
             _maitred("--delivery", "maildir", "--maildir", "{workdir}/Maildir", NO_CHECKS),

@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from maitred_tx.delivery.compat import delivery_provider
+from maitred_tx.metrics import NO_METRICS, Metrics
 from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.server.protocol import SMTPServerProtocol
 from maitred_tx.smtp.config import Config
@@ -25,7 +26,8 @@ class SMTPFactory(ServerFactory):
     """Serves *delivery* — a maitred_tx IDelivery or a twisted.mail IMessageDelivery /
     IMessageDeliveryFactory — with the limits and policy of *config*.  With a *checker*
     (maitred_tx.auth.checks.AuthChecker), messages get SPF/DKIM/ARC/DMARC verdicts
-    when ``config.checks_messages``.
+    when ``config.checks_messages``.  With *metrics* (maitred_tx.metrics.Metrics),
+    its sessions, messages and verdicts are counted.
 
     The reactor is a parameter (for timers), never the global one.
     """
@@ -41,6 +43,7 @@ class SMTPFactory(ServerFactory):
         trusted_proxies: Sequence[str] = (),
         limiter: ClientLimiter | None = None,
         checker: AuthChecker | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -54,6 +57,9 @@ class SMTPFactory(ServerFactory):
         # SPF/DKIM/ARC/DMARC (issue 5): messages are checked when a checker is given and
         # config.checks_messages says so.
         self.checker = checker
+        # Prometheus counters (maitred_tx.metrics): the protocols count through this,
+        # one call per event; without metrics the calls do nothing.
+        self.metrics = NO_METRICS if metrics is None else metrics.listener(config.mode)
         limits = config.limits
         self.limiter = limiter or ClientLimiter(
             reactor.seconds,

@@ -88,6 +88,7 @@ class SMTPServerProtocol(ProxiedClient):
         )
         trusted = self.factory.is_trusted_proxy(context.peer_host)
         self.policy = Policy(self._delivery, context)
+        self.factory.metrics.session_started(implicit_tls)
         self._unauthenticated = self.policy.delivery  # what serves the session before AUTH
         info = SessionInfo(lmtp=lmtp, tls=implicit_tls, trusted=trusted)
         self.session = ServerSession(self.config, info=info)
@@ -124,6 +125,7 @@ class SMTPServerProtocol(ProxiedClient):
             self.session.connection_lost()
             self._drain_events()
         if self.policy is not None:
+            self.factory.metrics.session_ended()
             ctx = self.policy.context
             duration = time.monotonic() - self._started
             errors = self.session.errors if self.session else 0
@@ -180,6 +182,7 @@ class SMTPServerProtocol(ProxiedClient):
         assert session is not None and policy is not None
         if not self.factory.limiter.message_allowed(self._client):
             log.info("{peer} refused: message rate", peer=self._client)
+            self.factory.metrics.session_refused("message_rate")
             session.close_with(R.R421_MESSAGE_RATE)  # the MAIL is answered by the 421
             return
         sender = event.command.sender
@@ -194,7 +197,15 @@ class SMTPServerProtocol(ProxiedClient):
     def _on_rcpt(self, event: RcptReceived) -> None:
         assert self.session is not None and self.policy is not None
         answer = self.policy.rcpt(event.command, event.transaction)
-        self._wait_for(answer, self.session.decide)
+        self._wait_for(answer, self._rcpt_decided)
+
+    def _rcpt_decided(self, reply: Reply | None) -> None:
+        session = self.session
+        assert session is not None
+        # Counted here, as the session accepts it; refusals are counted by _on_refused.
+        if (reply is None or reply.is_positive) and not session.closing:
+            self.factory.metrics.recipient_accepted()
+        session.decide(reply)
 
     def _on_started(self, event: MessageStarted) -> None:
         policy = self.policy
@@ -226,8 +237,10 @@ class SMTPServerProtocol(ProxiedClient):
         address: Mailbox | None
         if isinstance(refused, RcptTo):
             verb, address = "RCPT", refused.recipient
+            self.factory.metrics.recipient_refused(event.reply)
         else:
             verb, address = "MAIL", refused.sender
+            self.factory.metrics.sender_refused(event.reply)
         log.info(
             "{peer} {verb} <{address}> refused: {code} {status}",
             peer=policy.context.peer_host,
@@ -243,6 +256,8 @@ class SMTPServerProtocol(ProxiedClient):
         self._timeout_changed()
         if sink is not None:
             sink.abort()
+        if event.reply is not None:  # refused in the body (552, 550 5.6.0, ...)
+            self.factory.metrics.message(event.reply, 0)
         self._log_message(event.reply, 0)
 
     def _write_failed(self, failure: Failure, sink: Any) -> None:
@@ -282,6 +297,10 @@ class SMTPServerProtocol(ProxiedClient):
         # The checks' verdicts (maitred_tx.auth.checks.CheckingSink) join this event:
         # one log line per message, not two.
         auth = getattr(sink, "auth", None)
+        metrics = self.factory.metrics
+        metrics.message(reply, size)
+        if auth is not None:
+            metrics.checks(auth)
         self._log_message(reply, size, None if auth is None else auth.summary())
 
     def _log_message(self, reply: Reply | None, size: int, auth: str | None = None) -> None:

@@ -56,6 +56,7 @@ class AuthHandling(ProtocolBase):
             # Answer later and later: each failure costs the guesser time (issue 4).
             delay = _AUTH_DELAYS[min(session.auth_failures, len(_AUTH_DELAYS) - 1)]
             log.info("{peer} AUTH failed", peer=policy.context.peer_host)
+            self.factory.metrics.auth_failed()
             d: Deferred[None] = Deferred()
             self._clock.callLater(delay, d.callback, None)
             self._wait_for(d, lambda _: session.auth_result(None))
@@ -64,4 +65,5 @@ class AuthHandling(ProtocolBase):
         policy.delivery = IDelivery(delivery_provider(login.avatar)())
         policy.context = replace(policy.context, authenticated=login.identity)
         log.info("{peer} AUTH as {user}", peer=policy.context.peer_host, user=login.identity)
+        self.factory.metrics.auth_succeeded()
         session.auth_result(login.identity)

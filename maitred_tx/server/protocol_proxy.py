@@ -29,6 +29,7 @@ class ProxiedClient(StartTlsHandling):
         refused = limiter.admit(client)
         if refused is not None:
             log.info("{peer} refused: {limit} limit", peer=client, limit=refused)
+            self.factory.metrics.session_refused(refused)
             if at_connect:
                 # The 421 replaces the greeting, not follows it (RFC 5321 3.1, as
                 # Postfix answers): drop the 220 the session has queued but not sent.
@@ -78,6 +79,7 @@ class ProxiedClient(StartTlsHandling):
                                      tls_cipher=tls.cipher,
                                      tls_client_certificate=tls.common_name)
             session.info = replace(session.info, tls=True)
+            self.factory.metrics.tls_session("proxy")
         self._admit(policy.context.peer_host)
 
     def _on_xclient(self, event: XClientReceived) -> None:

@@ -21,5 +21,6 @@ class StartTlsHandling(AuthHandling):
         transport: Any = self.transport
         transport.startTLS(self.factory.tls)
         session.tls_started()
+        self.factory.metrics.tls_session("starttls")
         # RFC 3207 4.2: forget what the client told us in the clear (EHLO, AUTH).
         self._forget_client(tls=True)
