@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import replace
+from functools import partial
 from ipaddress import ip_network
 from typing import Any, ClassVar
 
@@ -18,7 +19,13 @@ from twisted.python import reflect, usage
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
-from maitred_tx.metrics import default_metrics, metrics_service
+from maitred_tx.metrics import (
+    default_metrics,
+    metrics_resource,
+    metrics_service,
+    prepare_multiproc_dir,
+    worker_exited,
+)
 from maitred_tx.server.tls import server_context
 from maitred_tx.service import DEFAULT_DNS_TIMEOUT, DEFAULT_LISTEN, SMTPService
 from maitred_tx.smtp.config import (
@@ -94,10 +101,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                                    "queue; see maitred-queue)."],
         ["delivery", None, "maildir", "Where mail goes: 'maildir', 'queue' (the outbound "
                                       "queue in --spool, for relaying), 'discard' (accepts "
-                                      "and drops, for load tests) or "
+                                      "and drops, for load tests), "
                                       "'python:package.module.name' (an IDelivery, a "
                                       "twisted.mail IMessageDelivery(Factory), or a "
-                                      "zero-argument factory of one)."],
+                                      "zero-argument factory of one), or an http:// or "
+                                      "https:// URL (a webhook: each message is POSTed)."],
+        ["webhook-timeout", None, 30.0, "Seconds for one webhook POST (connect, upload, "
+                                        "answer); past it the sender gets 451.", _seconds],
+        ["dkim-sign-all", None, None, "A --dkim-key domain whose keys sign outgoing "
+                                      "messages whose From: domain has no key."],
         ["max-size", None, _DEFAULTS.max_message_size, "Largest message in octets "
                                                        "(advertised as SIZE).", _positive_int],
         ["max-recipients", None, _DEFAULTS.max_recipients, "Recipients per transaction "
@@ -162,6 +174,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["domain"] = []
         self["trusted-proxy"] = []
         self["dns-server"] = []
+        self["dkim-key"] = []
+        self.dkim_signer: Any = None  # a maitred_tx.auth.sign.Signer with --dkim-key
 
     def opt_listen(self, description: str) -> None:
         """Twisted server endpoint string for an MX listener (repeatable; default
@@ -196,6 +210,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except ValueError as e:
             raise usage.UsageError(f"--dns-server: {e}") from None
 
+    def opt_dkim_key(self, value: str) -> None:
+        """SELECTOR:DOMAIN:KEYFILE, a key that DKIM-signs outgoing mail (PEM RSA or
+        Ed25519, or dkimpy's Ed25519 seed file; repeatable: an RSA and an Ed25519 key
+        for one domain sign each message twice)."""
+        from maitred_tx.auth.sign import DKIMKeyError, parse_dkim_key_option
+
+        try:
+            key = parse_dkim_key_option(value)
+        except DKIMKeyError as e:
+            raise usage.UsageError(f"--dkim-key: {e}") from None
+        for warning in key.warnings:
+            _log.warn("--dkim-key: {warning}", warning=warning)
+        self["dkim-key"].append(key)
+
     def opt_domain(self, domain: str) -> None:
         """A domain to accept mail for (repeatable; default: localhost)."""
         self["domain"].append(domain)
@@ -207,8 +235,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--bare-line-endings must be 'reject' or 'accept'")
         delivery = self["delivery"]
         if delivery not in ("maildir", "queue", "discard") and not delivery.startswith(
-                "python:"):
-            raise usage.UsageError("--delivery must be maildir, queue, discard or python:NAME")
+                ("python:", "http://", "https://")):
+            raise usage.UsageError("--delivery must be maildir, queue, discard, python:NAME "
+                                   "or an http(s):// URL")
+        self.dkim_signer = self.make_dkim_signer()
         try:
             self.config = self.make_config()
         except ValueError as e:
@@ -228,6 +258,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def listener_descriptions(self) -> list[str]:
         """Every listener's endpoint description, in the order listeners are made."""
         return (self["listen"] + self["submission"] + self["lmtp"]) or [DEFAULT_LISTEN]
+
+    def make_dkim_signer(self) -> Any:
+        """The Signer of the --dkim-key options, or None.  Its ``sign`` needs a runner:
+        ``signer.with_runner(partial(deferToThreadPool, reactor, pool))``."""
+        if not self["dkim-key"]:
+            if self["dkim-sign-all"]:
+                raise usage.UsageError("--dkim-sign-all needs --dkim-key")
+            return None
+        from maitred_tx.auth.sign import DKIMKeyError, Signer
+
+        try:
+            return Signer(self["dkim-key"], sign_all=self["dkim-sign-all"])
+        except DKIMKeyError as e:
+            raise usage.UsageError(f"--dkim-key: {e}") from None
 
     def make_config(self) -> Config:
         import socket
@@ -282,6 +326,10 @@ def load_delivery(options: Options, reactor: Any) -> Any:
         return MaildirDelivery(root, reactor, postmaster_domain=postmaster)
     if name == "queue":
         return _queue_delivery(options, reactor)
+    if name.startswith(("http://", "https://")):
+        from maitred_tx.delivery.http import HTTPDelivery
+
+        return HTTPDelivery(reactor, name, timeout=options["webhook-timeout"])
     obj = reflect.namedAny(name[len("python:") :])
     from maitred_tx.delivery.compat import delivery_provider
 
@@ -367,14 +415,38 @@ def _supervisor(options: Options, reactor: Any) -> Any:
         worker_twistd += [f"--logger={factory.__module__}.{factory.__qualname__}"]
     maitred_args = _own_arguments()
     text_log = twistd_observer(twistd or None)
+    env, on_exit, multiproc_dir = dict(os.environ), None, None
+    if options["metrics"]:
+        # The workers count into files here (prometheus_client's multiprocess mode);
+        # this process serves their sum.
+        multiproc_dir = _metrics_dir(twistd)
+        env["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+        on_exit = partial(worker_exited, multiproc_dir=multiproc_dir)
     pool = _TwistdPool(
         reactor, options.listener_descriptions(), options["workers"],
         lambda fds: worker_command(worker_twistd, maitred_args, fds),
         log_file=getattr(text_log, "_outFile", None) if not worker_twistd else None,
-        implicit_tls=bool(options["tls-cert"]),
+        implicit_tls=bool(options["tls-cert"]), env=env, on_exit=on_exit,
     )
+    if multiproc_dir is not None:
+        metrics_service(reactor, options["metrics"],
+                        metrics_resource(reactor, multiproc_dir=multiproc_dir)
+                        ).setServiceParent(pool)
     pool.text_log = text_log
     return pool
+
+
+def _metrics_dir(twistd: Any) -> str:
+    """A fresh directory for the workers' metric files, theirs to write: twistd's
+    --uid/--gid take effect after this, and the workers run as those."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="maitred-metrics-")
+    prepare_multiproc_dir(path)
+    uid, gid = twistd.get("uid"), twistd.get("gid")
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    return path
 
 
 def _own_arguments() -> list[str]:

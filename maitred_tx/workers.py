@@ -94,6 +94,7 @@ class _Worker(ProcessProtocol):
         self.pool = pool
         self.index = index
         self.started = 0.0
+        self.pid: int | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._partial = b""
 
@@ -123,7 +124,9 @@ class WorkerPool(MultiService):
     *worker_argv*: the command line of a worker, given those descriptors.
     *log_file*: where worker output goes (a file object with ``write``; bytes are
     decoded as UTF-8), None to log each line as an event.  *implicit_tls*: the ``ssl:``
-    listeners are bound as TCP and the workers wrap them in TLS themselves.
+    listeners are bound as TCP and the workers wrap them in TLS themselves.  *env*: the
+    workers' environment (default: this process's); *on_exit*: called with the pid of
+    each worker that ended (the metrics forget its live gauges).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class WorkerPool(MultiService):
         log_file: Any = None,
         implicit_tls: bool = False,
         env: dict[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
         if count < 1:
@@ -147,6 +151,7 @@ class WorkerPool(MultiService):
         self.log_file = log_file
         self.implicit_tls = implicit_tls
         self.env = dict(os.environ if env is None else env)
+        self.on_exit = on_exit  # told the pid of every worker that ended
         self.ports: list[Any] = []
         self.workers: dict[int, tuple[_Worker, Any]] = {}  # index -> (protocol, process)
         self._delays = [_FIRST_DELAY] * count
@@ -194,6 +199,7 @@ class WorkerPool(MultiService):
         env = {**self.env, "MAITRED_WORKER": str(index)}
         process = self.reactor.spawnProcess(worker, argv[0], argv, env=env,
                                             path=os.getcwd(), childFDs=child_fds)
+        worker.pid = process.pid
         self.workers[index] = (worker, process)
         _log.info("worker {index} started: pid {pid}", index=index, pid=process.pid)
 
@@ -202,6 +208,8 @@ class WorkerPool(MultiService):
         index = worker.index
         if self.workers.get(index, (None,))[0] is worker:
             del self.workers[index]
+        if self.on_exit is not None and worker.pid is not None:
+            self.on_exit(worker.pid)
         if self._stopping:
             return
         lived = self.reactor.seconds() - worker.started

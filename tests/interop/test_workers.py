@@ -11,11 +11,12 @@ import os
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from maitred_interop import LOCALHOST, Client, twistd_command
+from maitred_interop import LOCALHOST, Client, free_port, twistd_command
 
 from maitred_tx.smtp.config import Limits
 from maitred_tx.workers import worker_limits
@@ -158,3 +159,35 @@ def test_worker_options_are_checked(tmp_path, args, message):
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_the_supervisor_serves_the_workers_metrics(twistd):
+    """--metrics with --workers: the workers count into one directory, the supervisor
+    serves the sum (scraped with curl); a dead worker's open sessions stop counting."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_metrics import curl, parse, value
+
+    port = free_port()
+    with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks",
+                "--metrics", f"tcp:{port}:interface={LOCALHOST}") as server:
+        workers = ready(server, 2)
+        assert send(server.port, 4) == [250] * 4
+        held = Client(server.port)
+        try:
+            held.greet()
+            url = f"http://{LOCALHOST}:{port}/metrics"
+            status, text = curl(url)
+            samples = parse(text)
+            assert status == 200
+            assert value(samples, "maitred_messages_total", mode="mx", result="accepted") == 4
+            assert value(samples, "maitred_sessions_active", mode="mx") == 1
+            for worker in workers:  # the open session dies with its worker
+                os.kill(worker, signal.SIGKILL)
+            wait_until(lambda: len(children(server.pid)) == 2
+                       and not set(children(server.pid)) & set(workers), what="new workers")
+            samples = parse(curl(url)[1])
+            # No living process has the gauge yet: no sample, or 0.
+            assert not value(samples, "maitred_sessions_active", mode="mx")
+            assert value(samples, "maitred_messages_total", mode="mx", result="accepted") == 4
+        finally:
+            held.close()

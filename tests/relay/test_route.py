@@ -13,10 +13,10 @@ import pytest_twisted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dnsmasq_support
 
-from dnsmasq_support import Dnsmasq, run_dnsmasq  # noqa: E402
+from dnsmasq_support import Dnsmasq, run_dnsmasq
 
-from maitred_tx.auth.resolver import MX, Record, ZoneResolver  # noqa: E402
-from maitred_tx.relay.route import (  # noqa: E402
+from maitred_tx.auth.resolver import MX, Record, ZoneResolver
+from maitred_tx.relay.route import (
     Host,
     RelayHost,
     RouteError,
