@@ -12,12 +12,10 @@ from typing import Any
 
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.params import MailParams, RcptParams
-from maitred_tx.smtp.values import fast_init
 
 __all__ = ["Envelope", "Recipient", "SessionContext", "received_header", "trace_headers"]
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class SessionContext:
     """The connection as the delivery sees it; a new value after every EHLO/HELO."""
@@ -39,14 +37,12 @@ class SessionContext:
     proxied_by: str | None = None  # the trusted proxy's address when PROXY/XCLIENT was used
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Recipient:
     mailbox: Mailbox
     params: RcptParams = field(default_factory=RcptParams)
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """One transaction: who sent it to whom, with every MAIL/RCPT parameter parsed."""

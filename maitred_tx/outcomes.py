@@ -9,12 +9,10 @@ import functools
 from dataclasses import dataclass
 
 from maitred_tx.smtp.replies import Reply
-from maitred_tx.smtp.values import fast_init
 
 __all__ = ["Accepted", "Outcome", "PermanentFailure", "TemporaryFailure", "to_reply"]
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """Yes.  *text* replaces the default reply text (the codes stay)."""
@@ -22,7 +20,6 @@ class Accepted:
     text: str | None = None
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class TemporaryFailure:
     """Not now: the sender keeps the message and retries (RFC 5321 4.2.1, 4xx).
@@ -38,7 +35,6 @@ class TemporaryFailure:
         _check(self.code, self.status, 450, 459, "4")
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class PermanentFailure:
     """No: the sender bounces the message (5xx).  The default is a policy refusal."""

@@ -37,7 +37,6 @@ from maitred_tx.client.errors import (
 from maitred_tx.client.extensions import Extensions
 from maitred_tx.smtp.address import AddressError, Mailbox, parse_forward_path
 from maitred_tx.smtp.params import BodyType, Notify, Ret, xtext_encode
-from maitred_tx.smtp.values import fast_init
 
 __all__ = ["DSN", "InvalidBody", "Recipient", "TransactionPlan", "plan_transaction"]
 
@@ -89,7 +88,6 @@ def _check_notify(notify: frozenset[Notify] | None) -> None:
         raise ValueError("NOTIFY is NEVER alone or a non-empty set of the others")
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class TransactionPlan:
     """What to send for one message and how."""

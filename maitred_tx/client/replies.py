@@ -21,8 +21,6 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from maitred_tx.smtp.values import fast_init
-
 __all__ = ["MAX_REPLY_LINE", "MAX_REPLY_LINES", "ReplyError", "ReplyParser", "ServerReply"]
 
 # RFC 5321 4.5.3.1.5 allows 512 octets per reply line (CRLF included) and asks for
@@ -41,7 +39,6 @@ class ReplyError(ValueError):
     """What the server sent cannot be read as an SMTP reply (the session is broken)."""
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class ServerReply:
     """One reply from the server.

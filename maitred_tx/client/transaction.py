@@ -33,7 +33,6 @@ from maitred_tx.client.message import InvalidBody, TransactionPlan
 from maitred_tx.client.replies import ServerReply
 from maitred_tx.client.timeouts import Phase
 from maitred_tx.smtp.params import BodyType
-from maitred_tx.smtp.values import fast_init
 
 __all__ = ["Outcome", "RecipientResult", "SendResult", "Transaction"]
 
@@ -52,7 +51,6 @@ def outcome_of(reply: ServerReply | None) -> Outcome:
     return Outcome.PERMANENT if reply.is_permanent else Outcome.DELIVERED
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
     """One recipient: its outcome, the reply that decided it (None when the connection
@@ -68,7 +66,6 @@ class RecipientResult:
         return self.outcome is Outcome.DELIVERED
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class SendResult:
     """The result of one message: one :class:`RecipientResult` per recipient, in order."""

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from encodings import idna as _idna
 from typing import Final
 
-from maitred_tx.smtp.values import fast_init
-
 __all__ = [
     "PLAIN_PATH",
     "AddressError",
@@ -68,7 +66,6 @@ class AddressError(ValueError):
     """A path the peer sent is not valid; str(e) is a short reason (for logs, not sent)."""
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Mailbox:
     """One envelope mailbox, as the rest of the server uses it.

@@ -35,7 +35,6 @@ from maitred_tx.smtp.params import (
 )
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.sasl import SaslError, parse_auth_command
-from maitred_tx.smtp.values import fast_init
 from maitred_tx.smtp.xclient import XClient, XClientError, parse_xclient
 
 __all__ = [
@@ -73,100 +72,84 @@ class CommandError(Exception):
         self.fatal = fatal
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Command:
     """Base of every command."""
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Ehlo(Command):
     domain: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Helo(Command):
     domain: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Lhlo(Command):
     domain: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MailFrom(Command):
     sender: Mailbox | None  # None: the null reverse-path <> (RFC 5321 4.5.5)
     params: MailParams
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class RcptTo(Command):
     recipient: Mailbox
     params: RcptParams
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Data(Command):
     pass
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Bdat(Command):
     size: int
     last: bool
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Rset(Command):
     pass
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Noop(Command):
     pass
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Quit(Command):
     pass
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Help(Command):
     topic: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Vrfy(Command):
     argument: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Expn(Command):
     argument: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class StartTls(Command):
     """RFC 3207."""
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Auth(Command):
     """RFC 4954 4: AUTH mechanism [initial-response]; "=" is an empty response."""
@@ -175,7 +158,6 @@ class Auth(Command):
     initial: str | None = field(default=None, repr=False)  # may carry a password
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class XClientCommand(Command):
     """Postfix XCLIENT (from trusted proxies only; the session decides)."""
@@ -183,7 +165,6 @@ class XClientCommand(Command):
     attributes: XClient
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class NotImplementedVerb(Command):
     """A verb we know and deliberately do not offer (ETRN, TURN, ...): 502 5.5.1."""
@@ -191,7 +172,6 @@ class NotImplementedVerb(Command):
     verb: str
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class HttpRequest(Command):
     """An HTTP request line sent to the SMTP port: cross-protocol abuse, closed at once."""

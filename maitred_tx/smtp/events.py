@@ -11,7 +11,6 @@ from maitred_tx.smtp.commands import Ehlo, Helo, Lhlo, MailFrom, RcptTo
 from maitred_tx.smtp.params import BodyType, MailParams, RcptParams
 from maitred_tx.smtp.replies import Reply
 from maitred_tx.smtp.sasl import Credentials
-from maitred_tx.smtp.values import fast_init
 from maitred_tx.smtp.xclient import XClient
 
 __all__ = [
@@ -49,7 +48,6 @@ NEED_DATA: Final = _Sentinel("NEED_DATA")  # nothing to do until more bytes arri
 PAUSED: Final = _Sentinel("PAUSED")  # waiting for decide(); stop reading meanwhile
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """Facts about the session that are not states (they do not gate commands alone)."""
@@ -88,7 +86,6 @@ class Event:
     __slots__ = ()
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class HelloReceived(Event):
     """Decide: None accepts with the capability list; a Reply rejects."""
@@ -96,7 +93,6 @@ class HelloReceived(Event):
     command: Ehlo | Helo | Lhlo
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MailReceived(Event):
     """Decide: None gives 250 2.1.0; any Reply is sent as is."""
@@ -104,7 +100,6 @@ class MailReceived(Event):
     command: MailFrom
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class RcptReceived(Event):
     """Decide: None gives 250 2.1.5; a positive Reply accepts, others refuse."""
@@ -113,7 +108,6 @@ class RcptReceived(Event):
     transaction: Transaction
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageStarted(Event):
     """The body begins: open the sink.  No decision."""
@@ -121,7 +115,6 @@ class MessageStarted(Event):
     transaction: Transaction
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageData(Event):
     """Body bytes, in order, dot-unstuffed, binary-safe.  No decision."""
@@ -129,7 +122,6 @@ class MessageData(Event):
     data: bytes
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageComplete(Event):
     """The body ended: deliver, then decide (SMTP) or decide_each (LMTP)."""
@@ -137,7 +129,6 @@ class MessageComplete(Event):
     transaction: Transaction
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageAborted(Event):
     """The started body will not complete (limit, RSET, ...): discard the sink."""
@@ -145,7 +136,6 @@ class MessageAborted(Event):
     reply: Reply | None
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class AuthRequested(Event):
     """AUTH gave credentials: verify them, then call auth_result()."""
@@ -154,13 +144,11 @@ class AuthRequested(Event):
     credentials: Credentials
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class StartTlsRequested(Event):
     """220 is queued: write it, start TLS on the transport, then call tls_started()."""
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class XClientReceived(Event):
     """A trusted proxy says who the real client is: apply it, then xclient_applied()."""
@@ -168,7 +156,6 @@ class XClientReceived(Event):
     attributes: XClient
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Refused(Event):
     """A MAIL or RCPT was refused (by policy or by the delivery), for the log."""
@@ -177,7 +164,6 @@ class Refused(Event):
     reply: Reply
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class CloseConnection(Event):
     """Send what data_to_send() holds, then close."""

@@ -28,7 +28,6 @@ from maitred_tx.smtp.replies import (
     R555_UNKNOWN_PARAM,
     Reply,
 )
-from maitred_tx.smtp.values import fast_init
 
 __all__ = [
     "NO_MAIL_PARAMS",
@@ -98,7 +97,6 @@ class Notify(enum.Enum):
     DELAY = "DELAY"
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class MailParams:
     """The parameters of one MAIL command; ``None`` means "not given"."""
@@ -113,7 +111,6 @@ class MailParams:
     auth: str | None = None
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class RcptParams:
     """The parameters of one RCPT command; ``None`` means "not given"."""

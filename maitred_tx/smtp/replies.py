@@ -10,12 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Final
 
-from maitred_tx.smtp.values import fast_init
-
 __all__ = ["Reply"]
 
 
-@fast_init
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One SMTP reply: basic code, optional enhanced status code, one or more text lines."""
