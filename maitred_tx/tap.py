@@ -89,6 +89,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["lmtp-auth-checks", None, "Check SPF, DKIM, ARC and DMARC on the --lmtp "
                                    "listeners too (off by default: the MTA in front "
                                    "has checked)."],
+        ["no-mta-sts", None, "--delivery queue: do not apply MTA-STS (RFC 8461) policies "
+                             "when sending to MX hosts."],
         ["dmarc-reject", None, "Refuse messages that fail DMARC when the author domain "
                                "publishes p=reject (550 5.7.1 after the body)."],
     ]
@@ -151,6 +153,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-dkim-size", None, _AUTH.max_dkim_size, "Largest message whose DKIM and ARC "
                                                      "signatures are verified, in octets "
                                                      "(larger: dkim=policy).", _natural],
+        ["relay-host", None, None, "--delivery queue: send everything to this smarthost, "
+                                   "HOST[:PORT] (its MX) or [HOST][:PORT] (no MX lookup), "
+                                   "instead of each domain's MX hosts."],
+        ["queue-lifetime", None, 5 * 86400.0, "--delivery queue: seconds a message is "
+                                              "retried before it bounces.", _seconds],
         ["workers", None, 0, "Serve from this many worker processes (0: serve in this "
                              "process).  This process binds the listeners, starts the "
                              "workers and restarts any that dies; per-client limits are "
@@ -247,6 +254,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 d.startswith("ssl:") for d in self.listener_descriptions()):
             raise usage.UsageError("with --workers, ssl: listeners need --tls-cert "
                                    "(the workers make the TLS context)")
+        if self["relay-host"] is not None:
+            from maitred_tx.relay.route import parse_relay_host
+
+            try:
+                self["relay-host"] = parse_relay_host(self["relay-host"])
+            except ValueError as e:
+                raise usage.UsageError(f"--relay-host: {e}") from None
         if self["inherited-fds"] is not None:
             try:
                 self["inherited-fds"] = [int(f) for f in self["inherited-fds"].split(",")]
@@ -356,7 +370,32 @@ def _queue_delivery(options: Options, reactor: Any) -> Any:
             raise usage.UsageError(f"--spool: {e}") from None
     else:
         store.prepare()
-    return QueueDelivery(ThreadedQueue(store, reactor))
+    delivery = QueueDelivery(ThreadedQueue(store, reactor))
+    if options.get("inherited-fds") is not None:  # the supervisor runs the queue
+        delivery.subscribe(lambda message: store.notify_new())
+    return delivery
+
+
+def _queue_runner(options: Options, reactor: Any, queue: Any, metrics: Any = None) -> Any:
+    """The queue runner of --delivery queue: MX hosts (with MTA-STS) or --relay-host,
+    DKIM signing with --dkim-key, retries for --queue-lifetime."""
+    from maitred_tx.auth.dns import TwistedResolver
+    from maitred_tx.mta_sts import PolicyStore
+    from maitred_tx.queue.schedule import RetryPolicy
+    from maitred_tx.relay.runner import QueueRunner
+    from maitred_tx.relay.sender import OutboundSender
+
+    hostname = options.config.hostname
+    resolver = TwistedResolver(reactor, options["dns-server"] or None, options["dns-timeout"])
+    relay = options["relay-host"]
+    mta_sts = None
+    if relay is None and not options["no-mta-sts"]:
+        cache = os.path.join(os.path.abspath(options["spool"]), "mta-sts")
+        mta_sts = PolicyStore(reactor, resolver, cache_dir=cache)
+    sender = OutboundSender(reactor, resolver, helo=hostname, relay=relay, mta_sts=mta_sts,
+                            signer=options.dkim_signer)
+    return QueueRunner(reactor, queue, sender, hostname=hostname, metrics=metrics,
+                       policy=RetryPolicy(give_up_after=options["queue-lifetime"]))
 
 
 def makeService(options: Options) -> Any:
@@ -400,6 +439,11 @@ def makeService(options: Options) -> Any:
             service.adopt(inherited[i], description, listener_config)
     if options["metrics"] and inherited is None:  # a worker counts; its supervisor serves
         metrics_service(reactor, options["metrics"]).setServiceParent(service)
+    if options["delivery"] == "queue" and inherited is None:
+        runner = _queue_runner(options, reactor, delivery.queue,
+                               default_metrics() if options["metrics"] else None)
+        delivery.subscribe(runner.notify)
+        runner.setServiceParent(service)
     service.text_log = twistd_observer(getattr(options, "parent", None))
     return service
 
@@ -432,6 +476,11 @@ def _supervisor(options: Options, reactor: Any) -> Any:
         metrics_service(reactor, options["metrics"],
                         metrics_resource(reactor, multiproc_dir=multiproc_dir)
                         ).setServiceParent(pool)
+    if options["delivery"] == "queue":
+        # The supervisor owns the spool: it recovers it and runs its queue; the
+        # workers add messages and tell it (SpoolStore.notify_new).
+        delivery = _queue_delivery(options, reactor)
+        _queue_runner(options, reactor, delivery.queue).setServiceParent(pool)
     pool.text_log = text_log
     return pool
 

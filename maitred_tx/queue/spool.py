@@ -117,6 +117,7 @@ class SpoolStore:
         self._tmp, self._msg, self._env, self._corrupt = (
             os.path.join(self.root, d) for d in _SUBDIRS
         )
+        self._new_path = os.path.join(self.root, "new")
         self._flush_path = os.path.join(self.root, "flush")
         # id -> (next attempt or None when done, held); the server's view.
         self._index: dict[str, tuple[float | None, bool]] = {}
@@ -410,6 +411,38 @@ class SpoolStore:
 
     def flush_requested(self) -> bool:
         return os.path.exists(self._flush_path)
+
+    def notify_new(self) -> None:
+        """Tell the process that recovered the spool (and runs its queue) that this one
+        added messages: a worker of ``--workers`` does, after each commit."""
+        fd = os.open(self._new_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+    def take_new(self) -> int:
+        """Index the envelopes other processes added (after ``notify_new``); how many.
+        One directory listing, and a read of each envelope not yet in the index."""
+        try:
+            os.unlink(self._new_path)
+        except FileNotFoundError:
+            return 0
+        self._require_recovered()
+        with self._index_lock:
+            known = set(self._index)
+        found = 0
+        for name in listdir(self._env):
+            message_id = name[: -len(".json")]
+            if not name.endswith(".json") or message_id in known or not valid_id(message_id):
+                continue
+            message = self.load(message_id)
+            if message is not None and not message.done:
+                self._set_index(message)
+                found += 1
+        return found
+
+    def count(self) -> int:
+        """Messages in the queue (the index's size; for the metrics)."""
+        with self._index_lock:
+            return len(self._index)
 
     def consume_flush(self) -> bool:
         """Take a flush request: remove the trigger, then reread every envelope (a

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO, ParamSpec, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -104,6 +104,15 @@ class ThreadedQueue:
 
     def consume_flush(self) -> Deferred[bool]:
         return self._run(self.store.consume_flush)
+
+    def take_new(self) -> Deferred[int]:
+        """Messages other processes added (a store without that notion: 0)."""
+        take = getattr(self.store, "take_new", None)
+        return self._run(take) if take is not None else succeed(0)
+
+    def count(self) -> Deferred[int | None]:
+        count = getattr(self.store, "count", None)
+        return self._run(count) if count is not None else succeed(None)
 
 
 def log_recovery(root: str, report: RecoveryReport) -> None:

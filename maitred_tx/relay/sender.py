@@ -1,0 +1,403 @@
+"""Sending one queued message to one destination: the MX hosts of a recipient domain
+(RFC 5321 5.1) with its MTA-STS policy (RFC 8461), or a smarthost; through
+``maitred_tx.client``, over a connection kept open for the next message to the same
+place.
+
+How TLS is chosen per host:
+
+- an MTA-STS policy in ``enforce`` mode: only MX hosts its ``mx`` patterns match are
+  tried, and each must offer STARTTLS and present a certificate valid for its own MX
+  name (RFC 8461 4.2); if none can be used the recipients stay queued (4.7.5);
+- ``testing``: the same checks, but a failure is only reported (RFC 8461 5, TLS-RPT)
+  and the message goes over an unverified or cleartext connection;
+- no policy (or ``none``), and smarthosts: opportunistic STARTTLS, unverified, as
+  Postfix's ``smtp_tls_security_level = may``.
+
+Hosts are tried in order until one takes the transaction: a host that cannot be
+reached, greets with 4xx/5xx, or fails TLS where TLS is required, is skipped; once a
+transaction ran, its per-recipient replies are the result (a 4xx there defers those
+recipients, it is not retried at the next MX in this run, as Postfix does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Final
+
+from twisted.logger import Logger
+
+from maitred_tx.auth.resolver import Resolver
+from maitred_tx.client import (
+    DSN,
+    Recipient,
+    SendResult,
+    SMTPClient,
+    SMTPClientError,
+    Timeouts,
+    TLSMode,
+    TLSUnavailable,
+    TLSVerificationFailed,
+)
+from maitred_tx.client.transaction import Outcome
+from maitred_tx.mta_sts.enforce import check_mx, filter_mx
+from maitred_tx.mta_sts.policy import Mode, Policy
+from maitred_tx.mta_sts.report import ResultType
+from maitred_tx.queue.store import AttemptResult, QueuedMessage, QueuedRecipient, QueueReply
+from maitred_tx.queue.store import RecipientState as S
+from maitred_tx.relay.route import Host, RelayHost, RouteError, addresses, route
+
+__all__ = ["ConnectionCache", "OutboundSender", "destination_of"]
+
+_log = Logger()
+
+# An idle connection is kept this long for the next message to the same place:
+# Postfix's smtp_connection_cache_time_limit is 2 s; a queue run that finds several
+# messages for one domain sends them one after another well within it.
+IDLE_SECONDS: Final = 5.0
+# Seconds to wait for a TCP connection (Postfix's smtp_connect_timeout).
+CONNECT_TIMEOUT: Final = 30.0
+# At most this many addresses of one host are tried (Postfix: smtp_mx_address_limit 5
+# over all hosts).
+MAX_ADDRESSES: Final = 2
+
+
+def destination_of(address: str, relay: RelayHost | None) -> str:
+    """Which destination a recipient belongs to: the smarthost, or its domain."""
+    if relay is not None:
+        return f"[{relay.name}]:{relay.port}"
+    return address.rpartition("@")[2].lower()
+
+
+class PolicySource:
+    """What the sender needs of ``maitred_tx.mta_sts.PolicyStore``."""
+
+    async def policy_for(self, domain: str) -> Policy | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def report_failure(self, domain: str, mx_host: str, result_type: ResultType, *,
+                       reason: str = "", sending_ip: str | None = None,
+                       receiving_ip: str | None = None) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class _Idle:
+    client: SMTPClient
+    timer: Any
+
+
+class ConnectionCache:
+    """Open connections, one per (address, port, TLS settings), kept ``IDLE_SECONDS``
+    after their last message for the next one to the same place."""
+
+    def __init__(self, reactor: Any, idle: float = IDLE_SECONDS) -> None:
+        self._reactor = reactor
+        self._idle = idle
+        self._open: dict[tuple[Any, ...], _Idle] = {}
+
+    def take(self, key: tuple[Any, ...]) -> SMTPClient | None:
+        idle = self._open.pop(key, None)
+        if idle is None:
+            return None
+        if idle.timer.active():
+            idle.timer.cancel()
+        return idle.client if idle.client.connected else None
+
+    def put(self, key: tuple[Any, ...], client: SMTPClient) -> None:
+        if not client.connected:
+            return
+        old = self._open.pop(key, None)
+        if old is not None:  # one idle connection per key is enough
+            self._quit(key, old)
+        timer = self._reactor.callLater(self._idle, self._expire, key)
+        self._open[key] = _Idle(client, timer)
+
+    def _expire(self, key: tuple[Any, ...]) -> None:
+        idle = self._open.pop(key, None)
+        if idle is not None:
+            self._quit(key, idle)
+
+    def _quit(self, key: tuple[Any, ...], idle: _Idle) -> None:
+        if idle.timer.active():
+            idle.timer.cancel()
+        _background(idle.client.quit())
+
+    def close(self) -> None:
+        """QUIT every idle connection (at shutdown)."""
+        for key, idle in list(self._open.items()):
+            del self._open[key]
+            self._quit(key, idle)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+def _background(coroutine: Any) -> None:
+    from twisted.internet.defer import Deferred
+
+    Deferred.fromCoroutine(coroutine).addErrback(lambda f: None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How to talk to one host: TLS mode, whether its certificate is checked, and what
+    to do when TLS fails (``fallback``: testing mode, report and go on without)."""
+
+    host: Host
+    tls: TLSMode
+    verify: bool
+    fallback: bool = False
+
+
+class OutboundSender:
+    """Sends a message's recipients for one destination; returns one AttemptResult each.
+
+    *resolver*: MX and address lookups (twisted.names).  *relay*: a smarthost for
+    everything (no MX lookup, no MTA-STS).  *mta_sts*: a ``PolicyStore`` (None: no
+    MTA-STS).  *signer*: a ``maitred_tx.auth.sign.Signer`` whose ``sign`` runs off the
+    reactor (None: no DKIM signing).  *trust_root*: CAs for verified TLS (None: the
+    platform's).  *port*: the SMTP port of MX hosts (25; tests use others)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: Resolver,
+        *,
+        helo: str,
+        relay: RelayHost | None = None,
+        mta_sts: Any = None,
+        signer: Any = None,
+        trust_root: Any = None,
+        timeouts: Timeouts | None = None,
+        port: int = 25,
+        connections: ConnectionCache | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.helo = helo
+        self.relay = relay
+        self.mta_sts = mta_sts
+        self.signer = signer
+        self.trust_root = trust_root
+        self.timeouts = timeouts or Timeouts()
+        self.port = port
+        self.connections = connections or ConnectionCache(reactor)
+        self.connect_timeout = connect_timeout
+
+    async def deliver(
+        self,
+        message: QueuedMessage,
+        recipients: Sequence[QueuedRecipient],
+        open_body: Callable[[], Any],
+        destination: str,
+    ) -> list[AttemptResult]:
+        """Try *recipients* of *message* (all of one *destination*) once.
+        *open_body*: returns (a Deferred of) the stored body, a binary file."""
+        try:
+            plans = await self._plans(destination)
+        except RouteError as e:
+            state = S.FAILED if e.permanent else S.DEFERRED
+            return [AttemptResult(r.address, state, status=e.status, diagnostic=e.text)
+                    for r in recipients]
+        prefix = b""
+        if self.signer is not None:
+            prefix = await self._signature(message, open_body)
+        last = "no host to try"
+        status = "4.4.1"
+        for plan in plans:
+            try:
+                ips = await addresses(self.resolver, plan.host)
+            except RouteError as e:
+                if e.permanent:
+                    return [AttemptResult(r.address, S.FAILED, status=e.status,
+                                          diagnostic=e.text) for r in recipients]
+                last, status = e.text, e.status
+                continue
+            for ip in ips[:MAX_ADDRESSES]:
+                outcome = await self._try_host(plan, ip, message, recipients, open_body,
+                                               prefix, destination)
+                if isinstance(outcome, list):
+                    return outcome
+                last, status = outcome
+        return [AttemptResult(r.address, S.DEFERRED, status=status, diagnostic=last)
+                for r in recipients]
+
+    # --- where and how ---------------------------------------------------------------
+
+    async def _plans(self, destination: str) -> list[_Plan]:
+        relay = self.relay
+        if relay is not None:
+            hosts = (await route(self.resolver, relay.name, port=relay.port) if relay.mx
+                     else [Host(relay.name, None, relay.port)])
+            return [_Plan(h, TLSMode.OPPORTUNISTIC, verify=False) for h in hosts]
+        domain = destination
+        policy = None
+        if self.mta_sts is not None:
+            policy = await self.mta_sts.policy_for(domain)
+        hosts = await route(self.resolver, domain, port=self.port)
+        if policy is None or policy.mode is Mode.NONE:
+            return [_Plan(h, TLSMode.OPPORTUNISTIC, verify=False) for h in hosts]
+        allowed_names, refused_names = filter_mx(policy, [h.name for h in hosts])
+        allowed = [h for h in hosts if h.name in allowed_names]
+        for name in refused_names:
+            self.mta_sts.report_failure(domain, name, ResultType.VALIDATION_FAILURE,
+                                        reason="MX host not listed in the MTA-STS policy")
+        if policy.mode is Mode.ENFORCE:
+            if not allowed:
+                raise RouteError(f"{domain}: no MX host matches its MTA-STS policy",
+                                 permanent=False, code=451, status="4.7.5")
+            return [_Plan(h, TLSMode.REQUIRED, verify=True) for h in allowed]
+        plans = []
+        for host in hosts:  # testing: every host, TLS checked, failures only reported
+            verdict = check_mx(policy, host.name)
+            plans.append(_Plan(host, TLSMode.REQUIRED, verify=True,
+                               fallback=not verdict.tls_required))
+        return plans
+
+    # --- one host ----------------------------------------------------------------------
+
+    async def _try_host(
+        self, plan: _Plan, ip: str, message: QueuedMessage,
+        recipients: Sequence[QueuedRecipient], open_body: Callable[[], Any],
+        prefix: bytes, destination: str,
+    ) -> list[AttemptResult] | tuple[str, str]:
+        """The results, or (why, status) when this host could not take the message."""
+        try:
+            client = await self._connect(plan, ip)
+        except (TLSUnavailable, TLSVerificationFailed) as e:
+            if self.mta_sts is not None and plan.verify and self.relay is None:
+                kind = (ResultType.STARTTLS_NOT_SUPPORTED if isinstance(e, TLSUnavailable)
+                        else ResultType.CERTIFICATE_HOST_MISMATCH)
+                self.mta_sts.report_failure(destination, plan.host.name, kind,
+                                            reason=str(e), receiving_ip=ip)
+            if not plan.fallback:
+                return f"{plan.host.name}[{ip}]: {e}", "4.7.5"
+            _log.info("{host}: {error}; MTA-STS testing: delivering without verified TLS",
+                      host=plan.host.name, error=str(e))
+            try:
+                client = await self._connect(
+                    _Plan(plan.host, TLSMode.OPPORTUNISTIC, verify=False), ip)
+            except SMTPClientError as e2:
+                return f"{plan.host.name}[{ip}]: {e2}", _status_of_error(e2)
+        except SMTPClientError as e:
+            return f"{plan.host.name}[{ip}]: {e}", _status_of_error(e)
+        key = (ip, plan.host.port, plan.tls, plan.verify, plan.host.name)
+        body = await open_body()
+        if body is None:  # deleted meanwhile: say nothing, the next run skips it
+            self.connections.put(key, client)
+            return f"{message.id} was deleted", "4.0.0"
+        try:
+            result = await client.send(
+                message.sender or "",
+                [_recipient(r) for r in recipients],
+                _stream(prefix, body),
+                dsn=DSN(ret=message.ret, envid=message.envid),
+                size=message.size + len(prefix),
+                body_type=message.body_type,
+                smtputf8=message.smtputf8,
+            )
+        except SMTPClientError as e:  # refused before MAIL: too big, needs SMTPUTF8
+            client.abort()
+            state = S.FAILED if e.permanent else S.DEFERRED
+            return [AttemptResult(r.address, state, status=_status_of_error(e),
+                                  diagnostic=f"{plan.host.name}[{ip}]: {e}",
+                                  remote_mta=plan.host.name)
+                    for r in recipients]
+        finally:
+            with contextlib.suppress(Exception):
+                body.close()
+        self.connections.put(key, client)
+        return _results(result, recipients, plan.host.name, client)
+
+    async def _connect(self, plan: _Plan, ip: str) -> SMTPClient:
+        key = (ip, plan.host.port, plan.tls, plan.verify, plan.host.name)
+        client = self.connections.take(key)
+        if client is not None:
+            return client
+        endpoint = (f"tcp:{_endpoint_host(ip)}:{plan.host.port}"
+                    f":timeout={self.connect_timeout:g}")
+        return await SMTPClient.connect(
+            self.reactor, endpoint, helo=self.helo, tls=plan.tls,
+            tls_hostname=plan.host.name, trust_root=self.trust_root,
+            verify_certificate=plan.verify, timeouts=self.timeouts)
+
+    async def _signature(self, message: QueuedMessage, open_body: Callable[[], Any]) -> bytes:
+        """DKIM-Signature fields for the stored message: it is read whole and signed in
+        the reactor's thread pool, up to the signer's size limit; b"" when it is not
+        signed (why is logged)."""
+        if message.size > self.signer.max_size:
+            return b""
+        from twisted.internet.threads import deferToThreadPool
+
+        body = await open_body()
+        if body is None:
+            return b""
+
+        def sign() -> Any:
+            try:
+                return self.signer.signature(body.read())
+            finally:
+                body.close()
+
+        signed = await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), sign)
+        if signed.skipped:
+            _log.info("{id}: not DKIM-signed: {why}", id=message.id, why=signed.skipped)
+        return bytes(signed.fields)
+
+
+def _endpoint_host(ip: str) -> str:
+    return ip.replace(":", "\\:")  # IPv6 colons are escaped in endpoint strings
+
+
+def _recipient(r: QueuedRecipient) -> Recipient:
+    orcpt = r.orcpt[1] if r.orcpt is not None else None
+    return Recipient(r.address, notify=r.notify, orcpt=orcpt)
+
+
+def _stream(prefix: bytes, body: BinaryIO, chunk: int = 64 * 1024) -> Iterator[bytes]:
+    if prefix:
+        yield prefix
+    while True:
+        data = body.read(chunk)
+        if not data:
+            return
+        yield data
+
+
+def _results(result: SendResult, recipients: Sequence[QueuedRecipient], host: str,
+             client: SMTPClient) -> list[AttemptResult]:
+    """The client's per-recipient outcomes as the queue's attempt results.  A next hop
+    that announced DSN got our NOTIFY and reports success itself (DELIVERED with
+    remote_dsn); one that did not is RELAYED (RFC 3461 4.1, RFC 3464 2.3.3)."""
+    remote_dsn = "DSN" in client.extensions
+    out = []
+    for r, rr in zip(recipients, result.recipients, strict=True):
+        reply = rr.reply or rr.rcpt_reply
+        queue_reply = None if reply is None else QueueReply(
+            reply.code, reply.status, " ".join(reply.lines)[:500])
+        if rr.outcome is Outcome.DELIVERED:
+            state = S.DELIVERED if remote_dsn else S.RELAYED
+        elif rr.outcome is Outcome.PERMANENT:
+            state = S.FAILED
+        else:
+            state = S.DEFERRED
+        diagnostic = None
+        if reply is None and result.error is not None:
+            diagnostic = f"{host}: {result.error}"
+        out.append(AttemptResult(r.address, state, reply=queue_reply, diagnostic=diagnostic,
+                                 status=None if reply is not None else "4.4.2",
+                                 remote_mta=host, remote_dsn=remote_dsn and r.notify
+                                 is not None))
+    return out
+
+
+def _status_of_error(e: SMTPClientError) -> str:
+    reply = getattr(e, "reply", None)
+    if reply is not None and getattr(reply, "status", None):
+        return str(reply.status)
+    if isinstance(e, TLSUnavailable | TLSVerificationFailed):
+        return "4.7.5" if not e.permanent else "5.7.5"
+    return "5.0.0" if e.permanent else "4.4.1"
