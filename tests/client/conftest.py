@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "interop"))
 sys.path.insert(0, str(HERE))
 
-from security_support import CertFiles, Running, make_certificate, start_service  # noqa: E402
+from security_support import CertFiles, make_certificate, running_services  # noqa: E402
 
 
 @pytest.fixture
@@ -29,22 +29,7 @@ def certs(tmp_path: Path) -> CertFiles:
     return make_certificate(tmp_path)
 
 
-@pytest.fixture
-def service() -> Iterator[Callable[..., Running]]:
-    """``service([(endpoint template, config), ...], portal=, tls=, delivery=)``: an
-    in-process SMTPService on fresh 127.0.0.1 ports, stopped after the test."""
-    started: list[Running] = []
-
-    def start(listeners: Any, **kw: Any) -> Running:
-        running = start_service(reactor, listeners, **kw)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        d = running.service.stopService()
-        if isinstance(d, Deferred):
-            pytest_twisted.blockon(d)
+service = pytest.fixture(running_services)
 
 
 @dataclass

@@ -462,6 +462,14 @@ async def test_per_recipient_json_over_lmtp(web, deliveries, smtp) -> None:
         b"ok@localhost", b"gone@localhost", b"full@localhost"]
 
 
+def last_reply_line(f: Any) -> str:
+    """The last line of the next (possibly multi-line) reply on the socket file *f*."""
+    while True:
+        line = f.readline().decode().rstrip("\r\n")
+        if line[3:4] != "-":
+            return line
+
+
 def raw_lmtp(port: int, users: list[str]) -> list[str]:
     """An LMTP transaction on a socket: the reply to each recipient after DATA, cut to
     code, enhanced code and (for failures) text."""
@@ -469,10 +477,7 @@ def raw_lmtp(port: int, users: list[str]) -> list[str]:
         f = s.makefile("rb")
 
         def reply() -> str:
-            while True:
-                line = f.readline().decode().rstrip("\r\n")
-                if line[3:4] != "-":
-                    return line
+            return last_reply_line(f)
 
         reply()
         s.sendall(b"LHLO client.test\r\nMAIL FROM:<alice@example.org>\r\n")
@@ -512,10 +517,7 @@ def send_big(port: int, size: int) -> tuple[str, int, str]:
         f = s.makefile("rb")
 
         def reply() -> str:
-            while True:
-                line = f.readline().decode().rstrip("\r\n")
-                if line[3:4] != "-":
-                    return line
+            return last_reply_line(f)
 
         reply()
         s.sendall(b"EHLO client.test\r\n")

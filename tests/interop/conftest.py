@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from maitred_interop import twistd_maitred
-from security_support import CertFiles, Running, make_certificate, start_service
+from security_support import CertFiles, make_certificate, running_services
 
 from maitred_tx.delivery.memory import MemoryDelivery
 from maitred_tx.server.factory import SMTPFactory
@@ -84,20 +84,4 @@ def certs(tmp_path: Path) -> CertFiles:
     return make_certificate(tmp_path)
 
 
-@pytest.fixture
-def service() -> Iterator[Callable[..., Running]]:
-    """``service([(endpoint template, config), ...], portal=, tls=, trusted_proxies=,
-    delivery=)`` starts an in-process SMTPService (see security_support.start_service);
-    every one is stopped after the test."""
-    started: list[Running] = []
-
-    def start(listeners: Any, **kw: Any) -> Running:
-        running = start_service(reactor, listeners, **kw)
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        d = running.service.stopService()
-        if isinstance(d, Deferred):
-            pytest_twisted.blockon(d)
+service = pytest.fixture(running_services)

@@ -154,6 +154,29 @@ def start_service(
     return running
 
 
+def running_services() -> Iterator[Any]:
+    """The body of the ``service`` fixture (tests/interop and tests/client):
+    ``service([(endpoint template, config), ...], portal=, tls=, trusted_proxies=,
+    delivery=)`` starts an in-process SMTPService (``start_service``); every one is
+    stopped after the test."""
+    import pytest_twisted
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    started: list[Running] = []
+
+    def start(listeners: Any, **kw: Any) -> Running:
+        running = start_service(reactor, listeners, **kw)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        d = running.service.stopService()
+        if isinstance(d, Deferred):
+            pytest_twisted.blockon(d)
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,9 +14,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
+from maitred_tx.delivery.memory import MemoryDelivery
 from maitred_tx.mta_sts.report import ResultType
 from maitred_tx.outcomes import TemporaryFailure
-from maitred_tx.delivery.memory import MemoryDelivery
 from maitred_tx.queue.store import RecipientState
 from maitred_tx.relay.route import RelayHost
 
@@ -34,6 +34,14 @@ async def until(condition, timeout: float = 10.0, what: str = "condition") -> No
 def states(relay, message_id: str) -> dict[str, RecipientState]:
     message = relay.store.load(message_id)
     return {} if message is None else {r.address: r.state for r in message.recipients}
+
+
+async def deferred(r, address: str) -> Any:
+    """Queue a message for *address*; its recipient once the runner deferred it."""
+    message_id = r.add("alice@sender.test", [address], MESSAGE)
+    await until(lambda: states(r, message_id).get(address) is RecipientState.DEFERRED,
+                what="the deferral")
+    return r.store.load(message_id).recipients[0]
 
 
 @pytest_twisted.ensureDeferred
@@ -176,10 +184,7 @@ async def test_mta_sts_enforce_delivers_over_verified_tls(receiver, relay, polic
 async def test_mta_sts_enforce_keeps_mail_for_an_unlisted_mx(receiver, relay, policies):
     mx = receiver()
     r = relay(port=mx.port, policy_server=policies)
-    message_id = r.add("alice@sender.test", ["bob@bad-sts.test"], MESSAGE)
-    await until(lambda: states(r, message_id).get("bob@bad-sts.test")
-                is RecipientState.DEFERRED, what="the deferral")
-    recipient = r.store.load(message_id).recipients[0]
+    recipient = await deferred(r, "bob@bad-sts.test")
     assert recipient.status == "4.7.5" and "MTA-STS" in recipient.diagnostic
     assert mx.messages == []
     assert ResultType.VALIDATION_FAILURE in {
@@ -191,10 +196,7 @@ async def test_mta_sts_enforce_keeps_mail_when_the_certificate_does_not_match(
         receiver, relay, policies):
     mx = receiver()
     r = relay(port=mx.port, policy_server=policies)
-    message_id = r.add("alice@sender.test", ["bob@wrongcert.test"], MESSAGE)
-    await until(lambda: states(r, message_id).get("bob@wrongcert.test")
-                is RecipientState.DEFERRED, what="the deferral")
-    recipient = r.store.load(message_id).recipients[0]
+    recipient = await deferred(r, "bob@wrongcert.test")
     assert recipient.status == "4.7.5" and "mx.wrongcert.test" in recipient.diagnostic
     assert mx.messages == []
 
