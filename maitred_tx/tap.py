@@ -106,8 +106,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                                       "and drops, for load tests), "
                                       "'python:package.module.name' (an IDelivery, a "
                                       "twisted.mail IMessageDelivery(Factory), or a "
-                                      "zero-argument factory of one), or an http:// or "
-                                      "https:// URL (a webhook: each message is POSTed)."],
+                                      "zero-argument factory of one), an http:// or "
+                                      "https:// URL (a webhook: each message is POSTed), "
+                                      "or lmtp:ENDPOINT (forwarded to an LMTP server such "
+                                      "as Dovecot: lmtp:unix:/run/dovecot/lmtp, "
+                                      "lmtp:tcp:127.0.0.1:24)."],
         ["webhook-timeout", None, 30.0, "Seconds for one webhook POST (connect, upload, "
                                         "answer); past it the sender gets 451.", _seconds],
         ["dkim-sign-all", None, None, "A --dkim-key domain whose keys sign outgoing "
@@ -242,9 +245,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--bare-line-endings must be 'reject' or 'accept'")
         delivery = self["delivery"]
         if delivery not in ("maildir", "queue", "discard") and not delivery.startswith(
-                ("python:", "http://", "https://")):
+                ("python:", "http://", "https://", "lmtp:")):
             raise usage.UsageError("--delivery must be maildir, queue, discard, python:NAME "
-                                   "or an http(s):// URL")
+                                   "or an http(s):// URL, or lmtp:ENDPOINT")
         self.dkim_signer = self.make_dkim_signer()
         try:
             self.config = self.make_config()
@@ -344,6 +347,13 @@ def load_delivery(options: Options, reactor: Any) -> Any:
         from maitred_tx.delivery.http import HTTPDelivery
 
         return HTTPDelivery(reactor, name, timeout=options["webhook-timeout"])
+    if name.startswith("lmtp:"):
+        from maitred_tx.delivery.lmtp import LMTPDelivery
+
+        try:
+            return LMTPDelivery(reactor, name[len("lmtp:") :], lhlo=options.config.hostname)
+        except ValueError as e:
+            raise usage.UsageError(f"--delivery {name}: {e}") from None
     obj = reflect.namedAny(name[len("python:") :])
     from maitred_tx.delivery.compat import delivery_provider
 
@@ -379,9 +389,12 @@ def _queue_delivery(options: Options, reactor: Any) -> Any:
 def _queue_runner(options: Options, reactor: Any, queue: Any, metrics: Any = None) -> Any:
     """The queue runner of --delivery queue: MX hosts (with MTA-STS) or --relay-host,
     DKIM signing with --dkim-key, retries for --queue-lifetime."""
+    from twisted.python.threadpool import ThreadPool
+
     from maitred_tx.auth.dns import TwistedResolver
     from maitred_tx.mta_sts import PolicyStore
     from maitred_tx.queue.schedule import RetryPolicy
+    from maitred_tx.queue.threaded import ThreadedQueue
     from maitred_tx.relay.runner import QueueRunner
     from maitred_tx.relay.sender import OutboundSender
 
@@ -394,7 +407,9 @@ def _queue_runner(options: Options, reactor: Any, queue: Any, metrics: Any = Non
         mta_sts = PolicyStore(reactor, resolver, cache_dir=cache)
     sender = OutboundSender(reactor, resolver, helo=hostname, relay=relay, mta_sts=mta_sts,
                             signer=options.dkim_signer)
-    return QueueRunner(reactor, queue, sender, hostname=hostname, metrics=metrics,
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="maitred-queue")
+    return QueueRunner(reactor, ThreadedQueue(queue.store, reactor, pool), sender,
+                       hostname=hostname, metrics=metrics, threadpool=pool,
                        policy=RetryPolicy(give_up_after=options["queue-lifetime"]))
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from maitred_tx.queue.store import (
+    AttemptResult,
     QueuedMessage,
     QueuedRecipient,
     QueueReply,
@@ -22,7 +23,8 @@ from maitred_tx.queue.store import (
 )
 from maitred_tx.smtp.params import BodyType, Notify, Ret
 
-__all__ = ["VERSION", "CodecError", "Summary", "decode", "encode", "summary"]
+__all__ = ["VERSION", "CodecError", "Summary", "decode", "decode_attempt", "encode",
+           "encode_attempt", "summary"]
 
 VERSION: Final = 1
 
@@ -211,3 +213,30 @@ def _time(value: Any) -> float:
 
 def _opt_time(value: Any) -> float | None:
     return None if value is None else _time(value)
+
+
+def encode_attempt(message_id: str, now: float, results: tuple[AttemptResult, ...]) -> bytes:
+    """One line of the spool's attempt journal: what an attempt gave, as JSON."""
+    data = [message_id, now, [
+        [r.address, r.state.value,
+         None if r.reply is None else [r.reply.code, r.reply.status, r.reply.text],
+         r.status, r.diagnostic, r.remote_mta, r.remote_dsn]
+        for r in results]]
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_attempt(line: bytes) -> tuple[str, float, tuple[AttemptResult, ...]]:
+    """A journal line back; CodecError for anything else (a line cut by a crash)."""
+    try:
+        message_id, now, raw = json.loads(line)
+        results = []
+        for address, state, reply, status, diagnostic, remote_mta, remote_dsn in _list(raw):
+            results.append(AttemptResult(
+                _str(address), RecipientState(state),
+                None if reply is None else QueueReply(_int(reply[0]), _opt_str(reply[1]),
+                                                      _str(reply[2])),
+                _opt_str(status), _opt_str(diagnostic), _opt_str(remote_mta),
+                _bool(remote_dsn)))
+        return _str(message_id), _time(now), tuple(results)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise CodecError(f"bad journal line: {e}") from None

@@ -43,7 +43,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, BinaryIO, Final
 
-from maitred_tx.queue.codec import CodecError, Summary, decode, encode, summary
+from maitred_tx.queue.codec import (
+    CodecError,
+    Summary,
+    decode,
+    decode_attempt,
+    encode,
+    encode_attempt,
+    summary,
+)
 from maitred_tx.queue.files import (
     SpoolWriter,
     check_id,
@@ -92,6 +100,7 @@ class RecoveryReport:
     removed_done: list[str] = field(default_factory=list)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
     errors: list[str] = field(default_factory=list)
+    replayed: list[str] = field(default_factory=list)  # attempts taken from the journal
 
 
 class SpoolStore:
@@ -118,6 +127,12 @@ class SpoolStore:
             os.path.join(self.root, d) for d in _SUBDIRS
         )
         self._new_path = os.path.join(self.root, "new")
+        # The attempt journal (journal_attempt): appended to on the runner's thread the
+        # moment an attempt's results are known, emptied when nothing is in flight.
+        self._journal_path = os.path.join(self.root, "journal")
+        self._journal_fd: int | None = None
+        self._journal_pending = 0
+        self._journal_lock = threading.Lock()
         self._flush_path = os.path.join(self.root, "flush")
         # id -> (next attempt or None when done, held); the server's view.
         self._index: dict[str, tuple[float | None, bool]] = {}
@@ -159,7 +174,8 @@ class SpoolStore:
         with self._index_lock:
             self._index = index
         self.recovered = True
-        report.loaded = len(index)
+        self._replay_journal(report)
+        report.loaded = len(self._index)
         report.seconds = time.monotonic() - started
         return report
 
@@ -186,6 +202,69 @@ class SpoolStore:
         """Create the spool directories if needed; no recovery, no lock.  For a
         process that only adds messages beside the one that recovered the spool."""
         self._make_dirs()
+
+    # --- the attempt journal -------------------------------------------------------
+
+    def journal_attempt(
+        self, message_id: str, results: Sequence[AttemptResult], now: float
+    ) -> None:
+        """Note an attempt's *results* at once, before :meth:`record_attempt` makes them
+        durable in the envelope (pass it ``journaled=True`` then).
+
+        One ``write`` to a file opened for appending, no fsync: cheap enough for the
+        reactor thread, and once it returned the line is in the kernel, so a process
+        killed at any moment after it (kill -9, a crash) has its results replayed at
+        the next start and resends nothing the remote acknowledged.  The envelope's
+        fsync'd rewrite still follows, for power losses: this shrinks the window of the
+        store.py docstring for a crashed process from an fsync'd rewrite to the time
+        between reading the remote's reply and this call."""
+        line = encode_attempt(message_id, now, tuple(results))
+        with self._journal_lock:
+            if self._journal_fd is None:
+                self._journal_fd = os.open(
+                    self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                    0o600)
+            os.write(self._journal_fd, line)
+            self._journal_pending += 1
+
+    def _apply(self, results: tuple[AttemptResult, ...], now: float,
+               message: QueuedMessage) -> QueuedMessage:
+        return apply_attempt(message, results, now, self.policy)
+
+    def _journal_done(self) -> None:
+        """An attempt journaled earlier is in its envelope now; when none is left in
+        flight the journal is emptied (under the lock the appends take)."""
+        with self._journal_lock:
+            self._journal_pending -= 1
+            if self._journal_pending <= 0 and self._journal_fd is not None:
+                self._journal_pending = 0
+                os.ftruncate(self._journal_fd, 0)
+
+    def _replay_journal(self, report: RecoveryReport) -> None:
+        """At start: apply every journaled attempt its envelope does not show yet (the
+        process died between the two), durably, then empty the journal."""
+        try:
+            with open(self._journal_path, "rb") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                message_id, now, results = decode_attempt(line)
+            except CodecError:
+                continue  # a line cut short by the crash: its attempt is simply redone
+            message = self.load(message_id)
+            if message is None:
+                continue
+            done = {r.address for r in message.recipients
+                    if r.state.final or (r.last_attempt_at or 0.0) >= now}
+            missing = tuple(r for r in results if r.address not in done)
+            if missing:
+                self._update(message_id, partial(self._apply, missing, now))
+                report.replayed.append(message_id)
+        with open(self._journal_path, "wb") as f:
+            if self.sync:
+                os.fsync(f.fileno())
 
     def close(self) -> None:
         """Release the spool lock (the kernel does it too when the process dies)."""
@@ -369,9 +448,15 @@ class SpoolStore:
     # --- changing -----------------------------------------------------------------
 
     def record_attempt(
-        self, message_id: str, results: Sequence[AttemptResult], now: float
+        self, message_id: str, results: Sequence[AttemptResult], now: float, *,
+        journaled: bool = False,
     ) -> QueuedMessage | None:
-        return self._update(message_id, lambda m: apply_attempt(m, results, now, self.policy))
+        try:
+            return self._update(message_id,
+                                lambda m: apply_attempt(m, results, now, self.policy))
+        finally:
+            if journaled:
+                self._journal_done()
 
     def record_notified(
         self, message_id: str, addresses: Iterable[str], *, delay: bool = False

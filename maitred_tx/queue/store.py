@@ -30,9 +30,12 @@ got no 250 and will retry; after it, nothing is lost.
    was deleted meanwhile - skip it);
 2. streams :meth:`QueueStore.open_body` to the recipients that are not final;
 3. **immediately** after the remote's final reply to the message (the reply to DATA /
-   the last BDAT, or each LMTP per-recipient reply) calls
-   :meth:`QueueStore.record_attempt` with one :class:`AttemptResult` per recipient,
-   and does nothing else with the message until that returned - it is durable then;
+   the last BDAT, or each LMTP per-recipient reply) notes the results in the store's
+   journal where it keeps one (``SpoolStore.journal_attempt``: one appending write,
+   done on the spot; it survives a crash of the process, and the next start applies
+   it), then calls :meth:`QueueStore.record_attempt` with one :class:`AttemptResult`
+   per recipient, and does nothing else with the message until that returned - it is
+   durable then, power losses included;
 4. works out the DSNs owed (:func:`maitred_tx.queue.dsn.notices`), enqueues each with
    :meth:`QueueStore.add`, then calls :meth:`QueueStore.record_notified` for every
    final recipient (owed a DSN or not);
@@ -44,8 +47,9 @@ are worked out again at the next run (a final recipient that is not ``notified``
 its message due at once); between 4's add and its record, a DSN may be sent twice;
 before 5, the message is removed at the next start.  Nothing acknowledged is lost;
 nothing is sent twice *except* in one window that no store can close: between the
-remote's 250 and the moment the record of it is durable, a crash makes the next run
-send the message again.  RFC 5321 6.1 accepts exactly this ("duplicates are the safe
+remote's 250 and the moment the record of it is durable (for a crash of the process:
+the journal line; for a power loss: the envelope's rewrite), a crash makes the next
+run send the message again.  RFC 5321 6.1 accepts exactly this ("duplicates are the safe
 side": a message must not be lost).  The window is kept as small as it can be: no
 other work is done in it, and it is one atomic rewrite of a small file - for a
 ``kill -9`` it closes at the rename(2), after one fsync; for a power loss at the
@@ -281,9 +285,12 @@ class QueueStore(Protocol):
         ...
 
     def record_attempt(
-        self, message_id: str, results: Sequence[AttemptResult], now: float
+        self, message_id: str, results: Sequence[AttemptResult], now: float, *,
+        journaled: bool = False,
     ) -> QueuedMessage | None:
-        """Apply *results* durably (atomic rewrite) before returning the new state."""
+        """Apply *results* durably (atomic rewrite) before returning the new state.
+        *journaled*: they were passed to ``journal_attempt`` first (a store that keeps
+        such a journal may then let go of that entry)."""
         ...
 
     def record_notified(

@@ -80,9 +80,22 @@ class ThreadedQueue:
         return self._run(self.store.open_body, message_id)
 
     def record_attempt(
-        self, message_id: str, results: Sequence[AttemptResult], now: float
+        self, message_id: str, results: Sequence[AttemptResult], now: float, *,
+        journaled: bool = False,
     ) -> Deferred[QueuedMessage | None]:
-        return self._run(self.store.record_attempt, message_id, tuple(results), now)
+        return self._run(self.store.record_attempt, message_id, tuple(results), now,
+                         journaled=journaled)
+
+    def journal_attempt(
+        self, message_id: str, results: Sequence[AttemptResult], now: float
+    ) -> bool:
+        """On the calling thread, at once: note the results in the store's journal
+        (SpoolStore.journal_attempt); False when the store keeps none."""
+        journal = getattr(self.store, "journal_attempt", None)
+        if journal is None:
+            return False
+        journal(message_id, results, now)
+        return True
 
     def record_notified(
         self, message_id: str, addresses: Iterable[str], *, delay: bool = False
@@ -129,3 +142,7 @@ def log_recovery(root: str, report: RecoveryReport) -> None:
                   reason=reason)
     for error in report.errors:
         _log.error("queue {root}: {error}", root=root, error=error)
+    if report.replayed:
+        _log.info("queue {root}: {count} delivery attempts taken from the journal (the "
+                  "process stopped before recording them)", root=root,
+                  count=len(report.replayed))

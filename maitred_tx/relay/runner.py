@@ -43,6 +43,11 @@ _log = Logger()
 # 100 smtp processes, but each of ours holds a connection and a file, and one process
 # with one core gains nothing from more than a few dozen in flight.
 CONCURRENCY: Final = 20
+# Deliveries at once to one destination (a domain, or the smarthost), each over its
+# own connection.  Postfix's default_destination_concurrency_limit is 20; a receiving
+# MX often limits a client to a few sessions (ours: 50), and a few already fill a
+# link's round trips.
+DESTINATION_CONCURRENCY: Final = 4
 # Messages taken per run; the rest wait for the next run, right after.
 BATCH: Final = 500
 # How often the trigger files of maitred-queue and of --workers are looked at.
@@ -65,10 +70,12 @@ class QueueRunner(Service):
         policy: RetryPolicy | None = None,
         warning: DelayWarning | None = None,
         concurrency: int = CONCURRENCY,
+        destination_concurrency: int = DESTINATION_CONCURRENCY,
         poll: float = POLL,
         scan: float = SCAN,
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
+        threadpool: Any = None,
     ) -> None:
         self.reactor = reactor
         self.queue = queue
@@ -85,13 +92,20 @@ class QueueRunner(Service):
         self._again = False
         self._wakeup: Any = None
         self._poller: LoopingCall | None = None
-        self._destinations: dict[str, defer.DeferredLock] = defaultdict(defer.DeferredLock)
+        self._destinations: dict[str, defer.DeferredSemaphore] = defaultdict(
+            lambda: defer.DeferredSemaphore(destination_concurrency))
         self.attempts = 0  # deliveries attempted, for tests and logs
+        # The queue's own threads (started and stopped with the runner), so that
+        # recording a delivery never waits behind the commits of incoming mail in the
+        # reactor's pool: that wait is the window in which a crash repeats a delivery.
+        self.threadpool = threadpool
 
     # --- service -----------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        if self.threadpool is not None:
+            self.threadpool.start()
         self._poller = LoopingCall(self._poll)
         self._poller.clock = self.reactor
         self._poller.start(self.poll, now=False).addErrback(
@@ -106,7 +120,14 @@ class QueueRunner(Service):
             self._wakeup.cancel()
         self.sender.connections.close()
         running = self._running
-        return None if running is None else running.addErrback(lambda f: None)
+        if running is None:
+            self._stop_threads()
+            return None
+        return running.addErrback(lambda f: None).addBoth(lambda _: self._stop_threads())
+
+    def _stop_threads(self) -> None:
+        if self.threadpool is not None and self.threadpool.started:
+            self.threadpool.stop()
 
     def notify(self, message: Any = None) -> None:
         """A message was queued (``QueueDelivery.subscribe``): run soon."""
@@ -184,17 +205,23 @@ class QueueRunner(Service):
         for r in pending:
             groups[destination_of(r.address, self.sender.relay)].append(r)
         for destination, recipients in groups.items():
-            lock = self._destinations[destination]
-            await lock.acquire()
+            slot = self._destinations[destination]
+            await slot.acquire()
             try:
                 results = await self.sender.deliver(
                     message, recipients, lambda: self.queue.open_body(message_id),
                     destination)
+                self.attempts += 1
+                # At once, before anything else: the crash protocol's step 3.  The
+                # journal line, written right here on this thread, survives a crash of
+                # this process from now on; the envelope's fsync'd rewrite follows (for
+                # power losses).  The destination's slot is held until it is done.
+                now = self.clock()
+                journaled = self.queue.journal_attempt(message_id, results, now)
+                recorded = await self.queue.record_attempt(message_id, results, now,
+                                                           journaled=journaled)
             finally:
-                lock.release()
-            self.attempts += 1
-            # At once, before anything else: the crash protocol's step 3.
-            recorded = await self.queue.record_attempt(message_id, results, self.clock())
+                slot.release()
             if recorded is None:  # deleted meanwhile
                 return
             message = recorded
@@ -204,7 +231,14 @@ class QueueRunner(Service):
     async def _settle(self, message: QueuedMessage) -> None:
         """Queue the DSNs owed, record them, remove the message once done."""
         now = self.clock()
-        for notice in notices(message, now, self.warning):
+        owed = notices(message, now, self.warning)
+        if not owed and all(r.state.final for r in message.recipients):
+            # Nothing to tell anyone: the message goes without recording that first.
+            # A crash before the removal leaves it final and unsettled, and the next
+            # run settles it (no DSN) and removes it: one durable write saved.
+            await self.queue.remove(message.id)
+            return
+        for notice in owed:
             body = await self.queue.open_body(message.id)
             if body is None:
                 return

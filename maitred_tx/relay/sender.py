@@ -89,49 +89,57 @@ class _Idle:
 
 
 class ConnectionCache:
-    """Open connections, one per (address, port, TLS settings), kept ``IDLE_SECONDS``
-    after their last message for the next one to the same place."""
+    """Open connections, by (address, port, TLS settings), each kept ``IDLE_SECONDS``
+    after its last message for the next one to the same place; at most ``per_key``
+    idle connections per key (the runner's per-destination concurrency)."""
 
-    def __init__(self, reactor: Any, idle: float = IDLE_SECONDS) -> None:
+    def __init__(self, reactor: Any, idle: float = IDLE_SECONDS, per_key: int = 4) -> None:
         self._reactor = reactor
         self._idle = idle
-        self._open: dict[tuple[Any, ...], _Idle] = {}
+        self._per_key = per_key
+        self._open: dict[tuple[Any, ...], list[_Idle]] = {}
 
     def take(self, key: tuple[Any, ...]) -> SMTPClient | None:
-        idle = self._open.pop(key, None)
-        if idle is None:
-            return None
-        if idle.timer.active():
-            idle.timer.cancel()
-        return idle.client if idle.client.connected else None
+        idle_ones = self._open.get(key)
+        while idle_ones:
+            idle = idle_ones.pop()
+            if idle.timer.active():
+                idle.timer.cancel()
+            if idle.client.connected:
+                return idle.client
+        self._open.pop(key, None)
+        return None
 
     def put(self, key: tuple[Any, ...], client: SMTPClient) -> None:
         if not client.connected:
             return
-        old = self._open.pop(key, None)
-        if old is not None:  # one idle connection per key is enough
-            self._quit(key, old)
-        timer = self._reactor.callLater(self._idle, self._expire, key)
-        self._open[key] = _Idle(client, timer)
+        idle_ones = self._open.setdefault(key, [])
+        if len(idle_ones) >= self._per_key:  # enough kept for this place already
+            _background(client.quit())
+            return
+        entry = _Idle(client, None)
+        entry.timer = self._reactor.callLater(self._idle, self._expire, key, entry)
+        idle_ones.append(entry)
 
-    def _expire(self, key: tuple[Any, ...]) -> None:
-        idle = self._open.pop(key, None)
-        if idle is not None:
-            self._quit(key, idle)
-
-    def _quit(self, key: tuple[Any, ...], idle: _Idle) -> None:
-        if idle.timer.active():
-            idle.timer.cancel()
-        _background(idle.client.quit())
+    def _expire(self, key: tuple[Any, ...], entry: _Idle) -> None:
+        idle_ones = self._open.get(key, [])
+        if entry in idle_ones:
+            idle_ones.remove(entry)
+            if not idle_ones:
+                del self._open[key]
+            _background(entry.client.quit())
 
     def close(self) -> None:
         """QUIT every idle connection (at shutdown)."""
-        for key, idle in list(self._open.items()):
-            del self._open[key]
-            self._quit(key, idle)
+        for idle_ones in self._open.values():
+            for entry in idle_ones:
+                if entry.timer.active():
+                    entry.timer.cancel()
+                _background(entry.client.quit())
+        self._open.clear()
 
     def __len__(self) -> int:
-        return len(self._open)
+        return sum(len(v) for v in self._open.values())
 
 
 def _background(coroutine: Any) -> None:

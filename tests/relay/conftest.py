@@ -26,7 +26,7 @@ from mta_sts_support import CA, make_fetcher, policy_handler, start_policy_serve
 from maitred_tx.delivery.memory import MemoryDelivery  # noqa: E402
 from maitred_tx.mta_sts import PolicyStore  # noqa: E402
 from maitred_tx.queue.spool import SpoolStore  # noqa: E402
-from maitred_tx.queue.store import QueueEnvelope, QueuedRecipient  # noqa: E402
+from maitred_tx.queue.store import QueuedRecipient, QueueEnvelope  # noqa: E402
 from maitred_tx.queue.threaded import ThreadedQueue  # noqa: E402
 from maitred_tx.relay.runner import QueueRunner  # noqa: E402
 from maitred_tx.relay.sender import ConnectionCache, OutboundSender  # noqa: E402

@@ -71,11 +71,21 @@ async def test_the_next_mx_is_tried_when_the_first_cannot_be_reached(receiver, r
 @pytest_twisted.ensureDeferred
 async def test_one_connection_carries_several_messages(receiver, relay):
     mx = receiver()
-    r = relay(port=mx.port)
+    r = relay(port=mx.port, destination_concurrency=1)
     for i in range(3):
         r.add("alice@sender.test", ["bob@good.test"], MESSAGE.replace(b"Hello", b"M%d" % i))
     await until(lambda: len(mx.messages) == 3, what="three deliveries")
     assert len(mx.sessions) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_destination_gets_at_most_its_concurrency_in_connections(receiver, relay):
+    mx = receiver()
+    r = relay(port=mx.port, destination_concurrency=3)
+    for i in range(12):
+        r.add("alice@sender.test", ["bob@good.test"], MESSAGE.replace(b"Hello", b"M%d" % i))
+    await until(lambda: len(mx.messages) == 12, what="twelve deliveries")
+    assert 1 <= len(mx.sessions) <= 3
 
 
 @pytest_twisted.ensureDeferred
