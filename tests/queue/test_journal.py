@@ -12,8 +12,8 @@ from pathlib import Path
 from maitred_tx.queue.spool import SpoolStore
 from maitred_tx.queue.store import (
     AttemptResult,
-    QueueEnvelope,
     QueuedRecipient,
+    QueueEnvelope,
     QueueReply,
     RecipientState,
 )
