@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from maitred_tx.auth.resolver import Resolver
 from maitred_tx.client import (
     DSN,
+    ConnectionLost,
     Recipient,
     SendResult,
     SMTPClient,
@@ -274,7 +275,7 @@ class OutboundSender:
     ) -> list[AttemptResult] | tuple[str, str]:
         """The results, or (why, status) when this host could not take the message."""
         try:
-            client = await self._connect(plan, ip)
+            client, reused = await self._connect(plan, ip)
         except (TLSUnavailable, TLSVerificationFailed) as e:
             if self.mta_sts is not None and plan.verify and self.relay is None:
                 kind = (ResultType.STARTTLS_NOT_SUPPORTED if isinstance(e, TLSUnavailable)
@@ -285,20 +286,47 @@ class OutboundSender:
                 return f"{plan.host.name}[{ip}]: {e}", "4.7.5"
             _log.info("{host}: {error}; MTA-STS testing: delivering without verified TLS",
                       host=plan.host.name, error=str(e))
+            plan = _Plan(plan.host, TLSMode.OPPORTUNISTIC, verify=False)
             try:
-                client = await self._connect(
-                    _Plan(plan.host, TLSMode.OPPORTUNISTIC, verify=False), ip)
+                client, reused = await self._connect(plan, ip)
             except SMTPClientError as e2:
                 return f"{plan.host.name}[{ip}]: {e2}", _status_of_error(e2)
         except SMTPClientError as e:
             return f"{plan.host.name}[{ip}]: {e}", _status_of_error(e)
         key = (ip, plan.host.port, plan.tls, plan.verify, plan.host.name)
-        body = await open_body()
-        if body is None:  # deleted meanwhile: say nothing, the next run skips it
+        outcome = await self._send(client, message, recipients, open_body, prefix)
+        if reused and _stale(outcome):
+            # The server closed the idle connection as we took it: once more, anew.
+            client.abort()
+            try:
+                client, _ = await self._connect(plan, ip, fresh=True)
+            except SMTPClientError as e:
+                return f"{plan.host.name}[{ip}]: {e}", _status_of_error(e)
+            outcome = await self._send(client, message, recipients, open_body, prefix)
+        if outcome is None:  # deleted meanwhile: say nothing, the next run skips it
             self.connections.put(key, client)
             return f"{message.id} was deleted", "4.0.0"
+        if isinstance(outcome, SMTPClientError):  # refused before MAIL: too big, ...
+            client.abort()
+            state = S.FAILED if outcome.permanent else S.DEFERRED
+            return [AttemptResult(r.address, state, status=_status_of_error(outcome),
+                                  diagnostic=f"{plan.host.name}[{ip}]: {outcome}",
+                                  remote_mta=plan.host.name)
+                    for r in recipients]
+        self.connections.put(key, client)
+        return _results(outcome, recipients, plan.host.name, client)
+
+    async def _send(
+        self, client: SMTPClient, message: QueuedMessage,
+        recipients: Sequence[QueuedRecipient], open_body: Callable[[], Any], prefix: bytes,
+    ) -> SendResult | SMTPClientError | None:
+        """One transaction: its result, the error that stopped it before MAIL, or None
+        when the message was deleted meanwhile."""
+        body = await open_body()
+        if body is None:
+            return None
         try:
-            result = await client.send(
+            return await client.send(
                 message.sender or "",
                 [_recipient(r) for r in recipients],
                 _stream(prefix, body),
@@ -307,30 +335,27 @@ class OutboundSender:
                 body_type=message.body_type,
                 smtputf8=message.smtputf8,
             )
-        except SMTPClientError as e:  # refused before MAIL: too big, needs SMTPUTF8
-            client.abort()
-            state = S.FAILED if e.permanent else S.DEFERRED
-            return [AttemptResult(r.address, state, status=_status_of_error(e),
-                                  diagnostic=f"{plan.host.name}[{ip}]: {e}",
-                                  remote_mta=plan.host.name)
-                    for r in recipients]
+        except SMTPClientError as e:
+            return e
         finally:
             with contextlib.suppress(Exception):
                 body.close()
-        self.connections.put(key, client)
-        return _results(result, recipients, plan.host.name, client)
 
-    async def _connect(self, plan: _Plan, ip: str) -> SMTPClient:
+    async def _connect(self, plan: _Plan, ip: str, *, fresh: bool = False
+                       ) -> tuple[SMTPClient, bool]:
+        """A connection to *ip* as *plan* says, and whether it was reused: an idle one
+        from the cache unless *fresh*."""
         key = (ip, plan.host.port, plan.tls, plan.verify, plan.host.name)
-        client = self.connections.take(key)
+        client = None if fresh else self.connections.take(key)
         if client is not None:
-            return client
+            return client, True
         endpoint = (f"tcp:{_endpoint_host(ip)}:{plan.host.port}"
                     f":timeout={self.connect_timeout:g}")
-        return await SMTPClient.connect(
+        client = await SMTPClient.connect(
             self.reactor, endpoint, helo=self.helo, tls=plan.tls,
             tls_hostname=plan.host.name, trust_root=self.trust_root,
             verify_certificate=plan.verify, timeouts=self.timeouts)
+        return client, False
 
     async def _signature(self, message: QueuedMessage, open_body: Callable[[], Any]) -> bytes:
         """DKIM-Signature fields for the stored message: it is read whole and signed in
@@ -400,6 +425,14 @@ def _results(result: SendResult, recipients: Sequence[QueuedRecipient], host: st
                                  remote_mta=host, remote_dsn=remote_dsn and r.notify
                                  is not None))
     return out
+
+
+def _stale(outcome: SendResult | SMTPClientError | None) -> bool:
+    """A transaction that found its (reused) connection gone before MAIL was answered."""
+    if isinstance(outcome, ConnectionLost):
+        return True
+    return (isinstance(outcome, SendResult) and outcome.mail_reply is None
+            and isinstance(outcome.error, ConnectionLost))
 
 
 def _status_of_error(e: SMTPClientError) -> str:

@@ -252,3 +252,19 @@ async def test_dkim_signed_on_the_way_out(receiver, relay, tmp_path, dns):
     assert dkim.verify(body, dnsfunc=dnsfunc)
 
 
+
+
+def test_a_connection_gone_before_mail_counts_as_stale() -> None:
+    """What makes the sender retry once on a new connection (a reused one the server
+    had closed): the connection lost before MAIL was answered, and nothing else."""
+    from maitred_tx.client import ConnectionLost, SendResult, ServerRefused
+    from maitred_tx.client.replies import ServerReply
+    from maitred_tx.relay.sender import _stale
+
+    lost = ConnectionLost("gone", host="mx")
+    ok = ServerReply(250, "2.1.0", ("ok",))
+    assert _stale(lost)
+    assert _stale(SendResult((), None, None, error=lost))
+    assert not _stale(SendResult((), ok, None, error=lost))  # MAIL was answered
+    assert not _stale(SendResult((), None, None, error=ServerRefused("no", host="mx")))
+    assert not _stale(None)
