@@ -268,3 +268,30 @@ def test_a_connection_gone_before_mail_counts_as_stale() -> None:
     assert not _stale(SendResult((), ok, None, error=lost))  # MAIL was answered
     assert not _stale(SendResult((), None, None, error=ServerRefused("no", host="mx")))
     assert not _stale(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_to_domains_without_a_queue(receiver, policies, dns, ca):
+    """The client used straight to the recipients' domains: MX routing and MTA-STS
+    (enforce: verified TLS; an unlisted MX: refused and temporary), no queue."""
+    from mta_sts_support import make_fetcher
+
+    from maitred_tx.mta_sts import PolicyStore
+    from maitred_tx.relay.direct import send_to_domains
+
+    mx = receiver()
+    resolver = dns.resolver()
+    store = PolicyStore(reactor, resolver, make_fetcher(reactor, ca, policies))
+    results = await send_to_domains(
+        reactor, resolver, "alice@sender.test",
+        ["bob@sts.test", "carol@bad-sts.test", "dave@nullmx.test"], MESSAGE,
+        helo="relay.test", mta_sts=store, trust_root=ca.trust_root(), port=mx.port)
+    assert results["bob@sts.test"].state in (RecipientState.DELIVERED,
+                                             RecipientState.RELAYED)
+    assert (results["carol@bad-sts.test"].state, results["carol@bad-sts.test"].status) == (
+        RecipientState.DEFERRED, "4.7.5")
+    assert (results["dave@nullmx.test"].state, results["dave@nullmx.test"].status) == (
+        RecipientState.FAILED, "5.1.10")
+    [got] = mx.messages
+    assert got.body == MESSAGE and got.envelope.session.tls
+    assert [str(x.mailbox) for x in got.envelope.recipients] == ["bob@sts.test"]
