@@ -126,13 +126,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_relay(workers: int, port: int, sink_port: int, workdir: Path,
-                ) -> subprocess.Popen[bytes]:
+                destination_concurrency: int = 1) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-c", TWISTD_BOOT, "-n", "--pidfile=",
             "--logger=twisted.logger.LogPublisher", "maitred",
             "--listen", f"tcp:{port}:interface=127.0.0.1", "--delivery", "queue",
             "--spool", str(workdir / "spool"), "--relay-host", f"[127.0.0.1]:{sink_port}",
             "--relay", "--no-auth-checks", "--hostname", "relay.localhost",
-            "--max-client-connections", "0"]
+            "--max-client-connections", "0",
+            "--destination-concurrency", str(destination_concurrency)]
     if workers:
         argv += ["--workers", str(workers)]
     return subprocess.Popen(argv, cwd=workdir, env=child_env(), stdin=subprocess.DEVNULL,
@@ -207,7 +208,8 @@ def measure(workers: int, args: argparse.Namespace) -> dict[str, float]:
         workdir = Path(tmp)
         with sink(workdir) as s:
             port = free_port()
-            relay = start_relay(workers, port, s.port, workdir)
+            relay = start_relay(workers, port, s.port, workdir,
+                                args.destination_concurrency)
             try:
                 return _measure(relay, port, s, workers, workdir / "spool", args)
             finally:
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline per run")
+    parser.add_argument("--destination-concurrency", type=int, default=1,
+                        help="the relay's connections at once to the sink")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.sessions, args.messages, args.timeout = 1, 4, 40, 120.0
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print(f"smtp-source -s {args.sessions} -m {args.messages} -l {args.size} -d -> "
-          f"twistd maitred --delivery queue --relay-host -> smtp-sink; "
+          f"twistd maitred --delivery queue --relay-host --destination-concurrency "
+          f"{args.destination_concurrency} -> smtp-sink; "
           f"{os.cpu_count()} cores; median (min-max) of {args.repeat}\n")
     print("| --workers | accepted msgs/s | relayed end to end msgs/s | queue residence "
           "median ms | residence max ms | longest queue | relay CPU µs/msg |")

@@ -17,7 +17,8 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maitred_tx.auth.resolver import Resolver
@@ -27,6 +28,8 @@ from maitred_tx.server.limits import ClientLimiter
 from maitred_tx.smtp.config import Config
 
 __all__ = ["DEFAULT_BACKLOG", "DEFAULT_DNS_TIMEOUT", "DEFAULT_LISTEN", "SMTPService"]
+
+_log = Logger()
 
 # Loopback only by default: exposing a mail server is a decision, not an accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
@@ -163,7 +166,16 @@ class SMTPService(MultiService):
         # Say 421 to every open session before the listeners go (RFC 5321 3.8).
         for factory in self.factories:
             factory.shutdown()
-        return super().stopService()
+        stopped = super().stopService()
+        # A delivery that keeps connections (LMTP, HTTP) says goodbye to them: it has a
+        # close(), which may return a Deferred.
+        close = getattr(self.delivery, "close", None)
+        if not callable(close):
+            return stopped
+        closing = maybeDeferred(close)
+        closing.addErrback(lambda f: _log.failure("closing the delivery failed", f))
+        return DeferredList([d for d in (stopped, closing) if d is not None],
+                            consumeErrors=True).addCallback(lambda _: None)
 
 
 # Arguments of Twisted's ssl: server endpoint that only configure its own TLS context.

@@ -161,6 +161,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                                    "instead of each domain's MX hosts."],
         ["queue-lifetime", None, 5 * 86400.0, "--delivery queue: seconds a message is "
                                               "retried before it bounces.", _seconds],
+        ["destination-concurrency", None, 1, "--delivery queue: connections at once to "
+                                             "one destination (a domain, or the "
+                                             "--relay-host).", _positive_int],
         ["workers", None, 0, "Serve from this many worker processes (0: serve in this "
                              "process).  This process binds the listeners, starts the "
                              "workers and restarts any that dies; per-client limits are "
@@ -410,6 +413,7 @@ def _queue_runner(options: Options, reactor: Any, queue: Any, metrics: Any = Non
     pool = ThreadPool(minthreads=1, maxthreads=2, name="maitred-queue")
     return QueueRunner(reactor, ThreadedQueue(queue.store, reactor, pool), sender,
                        hostname=hostname, metrics=metrics, threadpool=pool,
+                       destination_concurrency=options["destination-concurrency"],
                        policy=RetryPolicy(give_up_after=options["queue-lifetime"]))
 
 

@@ -124,3 +124,32 @@ async def test_deadline_while_the_sink_opens_aborts_it(serve):
     assert delivery.opened == 1
     assert delivery.messages == []
     assert delivery.aborted == 1  # the late sink was discarded, not leaked
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_service_closes_a_delivery_that_has_close():
+    """LMTP and HTTP deliveries keep connections: SMTPService.stopService calls a
+    delivery's close() (and waits for its Deferred) after the listeners are gone."""
+    from twisted.internet.defer import Deferred
+
+    from maitred_tx.delivery.memory import MemoryDelivery
+    from maitred_tx.service import SMTPService
+    from maitred_tx.smtp.config import Config
+
+    class Closing(MemoryDelivery):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closing: Deferred[None] = Deferred()
+            self.calls = 0
+
+        def close(self) -> Deferred[None]:
+            self.calls += 1
+            return self.closing
+
+    delivery = Closing()
+    service = SMTPService(reactor, Config(), delivery, ["tcp:0:interface=127.0.0.1"])
+    service.startService()
+    stopped = service.stopService()
+    assert delivery.calls == 1 and not stopped.called  # waits for close()
+    delivery.closing.callback(None)
+    await stopped
