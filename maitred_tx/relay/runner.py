@@ -47,8 +47,8 @@ CONCURRENCY: Final = 20
 # own connection.  One by default: one connection per destination, reused for its
 # queued messages (issue 15), which is also what a receiving MX with a per-client limit
 # is happiest with.  Postfix allows 20 (default_destination_concurrency_limit); more
-# connections give a busy destination more messages per second (4 measured 1.5x the
-# rate of 1 against smtp-sink: benchmarks/README.md).
+# connections help a destination with slow replies, not the queue's own bound (the
+# fsyncs: against smtp-sink 4 relayed 194 messages/s, 1 relayed 186; benchmarks/README).
 DESTINATION_CONCURRENCY: Final = 1
 # Messages taken per run; the rest wait for the next run, right after.
 BATCH: Final = 500
