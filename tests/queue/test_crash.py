@@ -15,9 +15,7 @@ would see) and again after the final restart's recovery:
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import os
 import random
 import re
@@ -27,14 +25,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 INTEROP = Path(__file__).resolve().parent.parent / "interop"
 sys.path.insert(0, str(INTEROP))
+sys.path.insert(0, str(INTEROP.parent))  # load_support
 
+from load_support import Ledger, submit  # noqa: E402
 from maitred_interop import free_port, stop_process, twistd_command, wait_for_port  # noqa: E402
 
 from maitred_tx.queue.spool import SpoolStore  # noqa: E402
@@ -70,40 +69,9 @@ def message_bytes(seq: int) -> bytes:
             % (seq, seq)) + body
 
 
-@dataclass
-class Ledger:
-    """What the clients know: which messages got their 250."""
-
-    acked: set[int] = field(default_factory=set)
-    failed_in_flight: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-
 def sender(port: int, ledger: Ledger, stop: threading.Event, first: threading.Event) -> None:
-    try:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=20)
-        client.ehlo("load.test")
-    except OSError:
-        return
-    try:
-        for _ in range(MAX_MESSAGES_PER_ROUND):
-            if stop.is_set():
-                return
-            with ledger.lock:
-                seq = next(ledger.numbers)
-            try:
-                client.sendmail("load@origin.test", ["sink@example.com"], message_bytes(seq))
-            except (smtplib.SMTPException, OSError):
-                with ledger.lock:
-                    ledger.failed_in_flight += 1
-                return  # the server is gone
-            with ledger.lock:
-                ledger.acked.add(seq)
-            first.set()
-    finally:
-        with contextlib.suppress(OSError):
-            client.close()
+    submit(port, ledger, stop, first, message=message_bytes,
+           recipients=lambda seq: ["sink@example.com"], limit=MAX_MESSAGES_PER_ROUND)
 
 
 def start(spool: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
@@ -192,10 +160,10 @@ def test_kill_9_during_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert all(len(ids) == 1 for ids in found.values())
     unacked = set(found) - ledger.acked - {0}
     print(f"\nseed {seed}; " + "; ".join(rounds)
-          + f"; {len(ledger.acked)} acked, {ledger.failed_in_flight} cut off in flight, "
+          + f"; {len(ledger.acked)} acked, {ledger.cut_off} cut off in flight, "
           f"{len(unacked)} stored without their 250 reaching the client")
     assert len(ledger.acked) >= ROUNDS  # every round got some load
-    assert ledger.failed_in_flight >= 1  # some kill landed mid-transaction
+    assert ledger.cut_off >= 1  # some kill landed mid-transaction
 
 
 _RECORDER = r"""

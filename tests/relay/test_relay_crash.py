@@ -19,9 +19,7 @@ covers must never be sent again).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import itertools
 import os
 import random
 import re
@@ -41,7 +39,9 @@ import pytest
 
 INTEROP = Path(__file__).resolve().parent.parent / "interop"
 sys.path.insert(0, str(INTEROP))
+sys.path.insert(0, str(INTEROP.parent))  # load_support
 
+from load_support import Ledger, submit  # noqa: E402
 from maitred_interop import free_port, stop_process, twistd_command, wait_for_port  # noqa: E402
 
 from maitred_tx.queue.spool import SpoolStore  # noqa: E402
@@ -246,42 +246,10 @@ def send(port: int, seq: int) -> None:
 # --- kill -9 at random moments -------------------------------------------------------
 
 
-@dataclass
-class Ledger:
-    """What the submitting clients know: which messages got their 250."""
-
-    acked: set[int] = field(default_factory=set)
-    cut_off: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-
 def submitter(port: int, ledger: Ledger, stop: threading.Event, first: threading.Event,
               ) -> None:
-    try:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=20)
-        client.ehlo("load.test")
-    except OSError:
-        return
-    try:
-        for _ in range(MAX_MESSAGES_PER_ROUND):
-            if stop.is_set():
-                return
-            with ledger.lock:
-                seq = next(ledger.numbers)
-            try:
-                client.sendmail("load@origin.test", list(recipients_of(seq)),
-                                message_bytes(seq))
-            except (smtplib.SMTPException, OSError):
-                with ledger.lock:
-                    ledger.cut_off += 1
-                return  # the relay is gone
-            with ledger.lock:
-                ledger.acked.add(seq)
-            first.set()
-    finally:
-        with contextlib.suppress(OSError):
-            client.close()
+    submit(port, ledger, stop, first, message=message_bytes, recipients=recipients_of,
+           limit=MAX_MESSAGES_PER_ROUND)
 
 
 def check_delivered_intact(taken: list[Taken]) -> None:
