@@ -139,6 +139,7 @@ class SMTPClient:
         if tls is TLSMode.IMPLICIT:
             target = wrapClientTLS(settings, target)
         session = ClientSession(host=host or "server", helo=helo or "", lmtp=lmtp)
+        session.tls = tls is TLSMode.IMPLICIT  # TLS from the first byte: AUTH may go
         factory = _ClientFactory(session, clock or reactor, timeouts or Timeouts())
         try:
             protocol: ClientProtocol = await target.connect(factory)  # type: ignore[assignment]

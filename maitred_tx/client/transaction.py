@@ -155,6 +155,7 @@ class Transaction:
         self.done = False
         self.must_close = False  # the server closes (421), or a DATA body was cut short
         self._mail_ok = False
+        self._started = False  # start() wrote its commands (RSET first if owed)
         self._go_sent = False  # DATA or the first BDAT went out
         self._failed = False  # DATA/BDAT refused or the body aborted: send no more
         self._completed = False  # the server's transaction ended with its final reply
@@ -167,9 +168,11 @@ class Transaction:
 
     @property
     def needs_rset(self) -> bool:
-        """The server may still hold this transaction: RSET before the next MAIL
-        (RFC 3030 2 requires it after a failed BDAT)."""
-        return self._mail_ok and not self._completed
+        """The server may still hold this transaction, or the one before it when this
+        one never started (its body failed before a byte was sent): RSET before the
+        next MAIL (RFC 3030 2 requires it after a failed BDAT)."""
+        owed = self.plan.reset_first and not self._started
+        return owed or (self._mail_ok and not self._completed)
 
     @property
     def result(self) -> SendResult:
@@ -189,6 +192,7 @@ class Transaction:
         RSET).  *first* is the body's first chunk, *last* if it is the whole body;
         InvalidBody if it fails the content check (nothing is sent then)."""
         self._check_content(first, last)
+        self._started = True
         self._first, self._first_last = first, last
         steps: list[tuple[bytes, _Expect]] = []
         if self.plan.reset_first:
@@ -339,8 +343,13 @@ class Transaction:
         return out
 
     def _read_final(self, kind: _Kind, index: int, reply: ServerReply) -> None:
-        if not self._expect and not self._failed:
-            self._completed = True  # RFC 5321 4.1.1.4: the server starts afresh
+        # RFC 5321 4.1.1.4: the end of DATA clears the server's transaction whatever its
+        # reply; a refused BDAT ... LAST does not (RFC 3030 2: the state is
+        # indeterminate, RSET first; maitred's own server keeps the MAIL after a BDAT
+        # with no recipient, and takes the next message's RCPTs and body into it).
+        refused_chunk = self.plan.bdat and kind is _Kind.END and not reply.is_positive
+        if not self._expect and not self._failed and not refused_chunk:
+            self._completed = True
         if kind is _Kind.LMTP:
             self._final[index] = reply
         elif kind is _Kind.END:

@@ -103,6 +103,22 @@ async def test_bdat_chunks_and_binarymime(service, recording_proxy):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_refused_bdat_last_does_not_leak_into_the_next_message(service):
+    """The server refuses the one-chunk BDAT ... LAST of a message whose recipient it
+    refused, and keeps that MAIL (RFC 3030 2: indeterminate).  Without RSET the next
+    message's MAIL got 503 while its RCPT and body went into the old transaction:
+    stored by the server, reported PERMANENT (bounced) by the client."""
+    server = service([(PLAIN_LISTENER, maitred_config())])
+    async with await connect(server.port) as client:
+        refused = await client.send("a@b.org", ["nobody@elsewhere.org"], MESSAGE)
+        second = await client.send("c@d.org", ["x@example.com"], b"Subject: 2\r\n\r\nx\r\n")
+    assert refused.permanent and refused.data_reply.code == 503
+    assert second.all_delivered and second.mail_reply.code == 250
+    [stored] = server.messages
+    assert str(stored.envelope.sender) == "c@d.org"
+
+
+@pytest_twisted.ensureDeferred
 async def test_starttls_verified_against_the_test_ca(service, certs):
     server = service([(PLAIN_LISTENER, maitred_config())],
                      tls=server_context(certs.cert, certs.key))
@@ -160,6 +176,26 @@ async def test_implicit_tls(service, certs):
         await SMTPClient.connect(reactor, f"tcp:127.0.0.1:{server.port}",
                                  tls=TLSMode.IMPLICIT, tls_hostname="mail.example.com",
                                  trust_root=str(certs.cert))
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_submission_with_auth(service, certs):
+    """Port 465 (RFC 8314 3.3): the connection is TLS from the first byte, so AUTH
+    goes without allow_cleartext_auth and ``client.tls`` says so."""
+    listener = f"ssl:{{port}}:interface=127.0.0.1:privateKey={certs.key}:certKey={certs.cert}"
+    delivery = MemoryDelivery()
+    server = service([(listener, maitred_config(Mode.SUBMISSION))], delivery=delivery,
+                     tls=server_context(certs.cert, certs.key), portal=portal_for(delivery))
+    async with await SMTPClient.connect(
+            reactor, endpoint(server.port), helo="client.test", tls=TLSMode.IMPLICIT,
+            tls_hostname="127.0.0.1", trust_root=str(certs.cert)) as client:
+        assert client.tls
+        await client.authenticate(USER, PASSWORD)
+        result = await client.send(USER, ["bob@elsewhere.org"],
+                                   b"From: " + USER.encode() + b"\r\n\r\nhi\r\n")
+    assert result.all_delivered
+    [stored] = server.messages
+    assert stored.envelope.session.authenticated == USER and stored.envelope.session.tls
 
 
 def submission(service, certs, **kw):

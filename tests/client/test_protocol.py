@@ -22,6 +22,7 @@ from maitred_tx.client import (
 )
 from maitred_tx.client.protocol import ClientProtocol
 from maitred_tx.client.session import ClientSession
+from maitred_tx.client.source import BodySource
 from maitred_tx.client.timeouts import Timeouts
 from maitred_tx.testing import TestTransport
 
@@ -76,6 +77,40 @@ def failure_of(d: Deferred) -> BaseException:
     d.addErrback(caught.append)
     assert caught, "the Deferred has not failed"
     return caught[0].value
+
+
+def test_a_file_body_declares_the_size_left_from_its_position(tmp_path):
+    path = tmp_path / "message.eml"
+    path.write_bytes(b"X-Skip: 1\r\nSubject: file\r\n\r\n" + b"x" * 100 + b"\r\n")
+    wire = Wire()
+    opened = wire.open()
+    wire.server(b"220 mx.test ESMTP\r\n250-mx.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+    assert opened.called
+    wire.written()
+    with path.open("rb") as file:
+        file.readline()  # the caller already read a line: SIZE counts the rest
+        sent = wire.send(file)
+        assert wire.written().startswith(b"MAIL FROM:<a@b.org> SIZE=119\r\n")  # RFC 1870
+        wire.server(b"250 OK\r\n250 OK\r\n354 go\r\n")
+        assert wire.written() == path.read_bytes()[11:] + b".\r\n"
+        wire.server(b"250 OK\r\n")
+    assert sent.result.all_delivered
+
+
+def test_an_iterable_body_is_regrouped_into_chunks_of_chunk_size():
+    source = BodySource(iter([b"ab"] * 7), chunk_size=5)
+    chunks: list[tuple[bytes, bool]] = []
+    while not chunks or not chunks[-1][1]:
+        chunks.append(Deferred.fromCoroutine(source.next()).result)
+    assert chunks == [(b"ababa", False), (b"babab", False), (b"abab", True)]
+
+
+def test_a_421_in_a_transaction_closes_our_side_too():
+    wire = Wire().ready()
+    sent = wire.send(rcpts=("x@example.com", "y@example.com"))
+    wire.server(b"250 2.1.0 OK\r\n421 4.3.2 Shutting down\r\n")
+    assert [r.outcome for r in sent.result.recipients] == [Outcome.TEMPORARY] * 2
+    assert not wire.transport.connected  # RFC 5321 3.8: not left to the server alone
 
 
 def test_tcp_nodelay_is_set():

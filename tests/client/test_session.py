@@ -133,6 +133,14 @@ def test_starttls_refused(required):
         assert op.done and not op.result and not session.tls and session.ready
 
 
+def test_starttls_421_fails_even_when_tls_is_not_required():
+    """The server is closing (RFC 5321 3.8): there is no clear text to go on in."""
+    session = ready()
+    with pytest.raises(TLSUnavailable) as caught:
+        play(session, session.starttls(required=False), b"421 4.3.2 Shutting down\r\n")
+    assert caught.value.temporary and session.closing and not session.ready
+
+
 def test_auth_plain_is_one_round_trip_and_reads_back():
     session = ready(tls=True)
     op = session.authenticate("jörg@example.com", "pa ss")
@@ -153,6 +161,8 @@ def test_auth_login_exchange():
     assert out[0] == b"AUTH LOGIN\r\n"
     assert [base64.b64decode(line) for line in out[1:3]] == [b"user", b"secret"]
     assert session.authenticated == "user"
+    with pytest.raises(RuntimeError, match="already authenticated"):
+        session.authenticate("user", "secret")  # RFC 4954 4: once per session
 
 
 @pytest.mark.parametrize(("reply", "permanent"), [

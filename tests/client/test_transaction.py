@@ -128,6 +128,17 @@ def test_refused_mail_fails_everyone_with_its_reply():
     assert d.tx.result["x@example.com"].rcpt_reply.code == 503
 
 
+def test_rcpt_accepted_after_a_refused_mail_gets_no_body():
+    """A server out of step (one still holding an old transaction answers MAIL with
+    503 and then takes RCPTs): the pipelined DATA's 354 gets a lone "." only."""
+    d = Driver(NO_CHUNKING)
+    d.begin(["x@example.com"], body=b"Subject: t\r\n\r\nsecret\r\n")
+    out = d.replies(b"503 5.5.1 Sender already specified\r\n250 2.1.5 OK\r\n354 go\r\n")
+    assert out == b".\r\n"
+    d.replies(OK)
+    assert d.tx.done and d.outcomes() == [("x@example.com", Outcome.PERMANENT, 503)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_without_pipelining_one_command_per_reply(mode):
     d = Driver(NO_PIPELINING, mode=mode)
@@ -182,6 +193,19 @@ def test_bdat_stream_not_sent_when_every_recipient_is_refused():
     assert d.tx.done and d.tx.needs_rset  # RFC 3030 2: RSET after a failed BDAT
 
 
+@pytest.mark.parametrize(("rcpt", "decided"), [(b"550 5.1.1 no\r\n", 550),
+                                               (b"250 2.1.5 OK\r\n", 554)])
+def test_refused_bdat_last_is_followed_by_rset(rcpt, decided):
+    """A body in one chunk goes as BDAT n LAST; its refusal (no recipient, or the
+    content) leaves the server's transaction open (RFC 3030 2), unlike DATA's."""
+    d = Driver()
+    assert b"BDAT 18 LAST\r\n" in d.begin(["x@example.com"])
+    d.replies(b"250 2.1.0 OK\r\n" + rcpt + b"554 5.5.1 No valid recipients\r\n")
+    assert d.tx.done and d.tx.needs_rset
+    assert d.outcomes() == [("x@example.com", Outcome.PERMANENT, decided)]
+    assert d.begin(["y@example.com"]).startswith(b"RSET\r\nMAIL FROM:<a@b.org>")
+
+
 def test_bdat_failure_stops_the_chunks_and_the_next_transaction_resets():
     d = Driver()
     d.begin(["x@example.com"], chunks=[b"a", b"b", b"c", b"d"])
@@ -197,12 +221,15 @@ def test_bdat_failure_stops_the_chunks_and_the_next_transaction_resets():
 
 def test_bdat_without_pipelining_waits_for_each_chunk():
     d = Driver(("mx.test", "CHUNKING", "8BITMIME"))
-    d.begin(["x@example.com"], chunks=[b"a", b"b"])
+    d.begin(["x@example.com"], chunks=[b"a", b"b", b"c"])
     d.replies(b"250 OK\r\n")
     assert d.replies(b"250 OK\r\n") == b"BDAT 1\r\na"
     assert not d.tx.wants_body
     d.replies(b"250 OK\r\n")
-    assert d.tx.wants_body and d.pump() == b"BDAT 1 LAST\r\nb"
+    assert d.tx.wants_body and d.pump() == b"BDAT 1\r\nb"  # one, then its reply
+    assert not d.tx.wants_body
+    d.replies(b"250 OK\r\n")
+    assert d.tx.wants_body and d.pump() == b"BDAT 1 LAST\r\nc"
     d.replies(b"250 OK\r\n")
     assert d.tx.done and d.tx.result.all_delivered
 
@@ -276,6 +303,17 @@ def test_a_first_chunk_that_is_not_text_raises_before_anything_is_sent():
     d = Driver(NO_CHUNKING)
     with pytest.raises(InvalidBody):
         d.begin(["x@example.com"], chunks=[b"\0binary", b"x"])
+
+
+def test_a_transaction_that_never_started_keeps_the_rset_owed():
+    d = Driver(NO_CHUNKING)
+    d.begin(["x@example.com"])
+    d.replies(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n554 5.5.1 Not now\r\n")  # DATA refused
+    assert d.session.needs_rset
+    with pytest.raises(InvalidBody):  # the next body fails before a byte is sent
+        d.begin(["x@example.com"], chunks=[b"\0binary", b"x"])
+    assert d.session.needs_rset  # the server still holds the first MAIL
+    assert d.begin(["x@example.com"]).startswith(b"RSET\r\nMAIL FROM:")
 
 
 _CODES = st.sampled_from([250, 251, 450, 451, 452, 550, 551, 553])
