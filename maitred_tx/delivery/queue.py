@@ -45,16 +45,22 @@ Subscriber = Callable[[QueuedMessage], object]
 
 
 def queue_envelope(envelope: Envelope) -> QueueEnvelope:
-    """The queue's envelope for an SMTP transaction, every DSN parameter kept."""
+    """The queue's envelope for an SMTP transaction, every DSN parameter kept.
+
+    A mailbox given twice is queued once, with its first RCPT's parameters (Postfix's
+    cleanup drops duplicate recipients too): otherwise it would be sent twice in one
+    transaction, and the queue, which keys results by address, would report it twice.
+    """
     params = envelope.params
+    recipients: dict[str, QueuedRecipient] = {}
+    for r in envelope.recipients:
+        address = str(r.mailbox)  # the domain normalised: one form per mailbox
+        if address not in recipients:
+            recipients[address] = QueuedRecipient(
+                address, orcpt=r.params.orcpt, notify=r.params.notify)
     return QueueEnvelope(
         sender=None if envelope.sender is None else str(envelope.sender),
-        recipients=tuple(
-            QueuedRecipient(
-                str(r.mailbox), orcpt=r.params.orcpt, notify=r.params.notify
-            )
-            for r in envelope.recipients
-        ),
+        recipients=tuple(recipients.values()),
         envid=params.envid,
         ret=params.ret,
         smtputf8=params.smtputf8,

@@ -10,7 +10,8 @@ cache), over a ``Resolver`` and a ``PolicyFetcher``.
    sender MUST apply that cached policy");
 3. a record whose id is the cached policy's: the cached policy, with no fetch (3.1:
    the id changes when the policy does), unless it is older than ``refresh_after``
-   (3.3: refresh cached policies, "a suggested refresh frequency is once per day");
+   or than half its max_age (3.3: refresh cached policies, "a suggested refresh
+   frequency is once per day"; before they expire);
 4. otherwise fetch (3.3); on success cache and return the new policy, on failure
    return the cached one if any, else None (3.3: "as though the domain has not
    implemented MTA-STS"), and do not try that id again for ``retry_after`` seconds.
@@ -71,9 +72,10 @@ class PolicyStore:
     ``resolver``: TXT lookups (``maitred_tx.auth.dns.TwistedResolver`` in production).
     ``fetcher``: a ``PolicyFetcher`` (the default one trusts the platform's CAs).
     ``clock``: seconds since the epoch (``reactor.seconds``).  ``refresh_after``:
-    age after which a cached policy is fetched again although its id is unchanged
-    (None: never).  ``retry_after``: seconds between fetch attempts for a failing
-    domain.  ``report``: where failures are counted (a new ``TlsReport`` by default)."""
+    age after which a cached policy is fetched again although its id is unchanged,
+    or half its max_age if that is sooner (None: never).  ``retry_after``: seconds
+    between fetch attempts for a failing domain.  ``report``: where failures are
+    counted (a new ``TlsReport`` by default)."""
 
     def __init__(
         self,
@@ -212,7 +214,12 @@ class PolicyStore:
             return None
 
     def _stale(self, cached: CachedPolicy, now: float) -> bool:
-        return self._refresh_after is not None and now - cached.fetched_at >= self._refresh_after
+        """Due for a refetch although its id is unchanged: after ``refresh_after``, or
+        sooner, half-way through its max_age, so that a policy of a day or less (86400
+        is a common max_age) is refreshed before it expires instead of lapsing."""
+        if self._refresh_after is None:
+            return False
+        return now - cached.fetched_at >= min(self._refresh_after, cached.policy.max_age / 2)
 
     def _fetch_failed(
         self,

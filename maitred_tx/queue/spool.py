@@ -9,6 +9,8 @@ Layout (every directory 0o700, every file 0o600)::
     SPOOL/corrupt/      files quarantined at start or on read, for an operator
     SPOOL/lock          held (flock) by the one server process using the spool
     SPOOL/flush         exists while a flush asked from outside is not yet taken
+    SPOOL/new           exists while messages a --workers worker added are not indexed
+    SPOOL/journal       attempts noted before their envelope's rewrite (journal_attempt)
 
 The durability protocol and what a crash can do are in :mod:`maitred_tx.queue.store`.
 Here: a body is fsync'd and renamed into ``msg/`` and ``msg/`` is fsync'd before its
@@ -253,12 +255,15 @@ class SpoolStore:
                 message_id, now, results = decode_attempt(line)
             except CodecError:
                 continue  # a line cut short by the crash: its attempt is simply redone
-            message = self.load(message_id)
+            message = self.load(message_id) if valid_id(message_id) else None
             if message is None:
                 continue
-            done = {r.address for r in message.recipients
+            # What the envelope shows already, and addresses it does not have (a damaged
+            # line: apply_attempt would raise, and the spool could not be started).
+            skip = {r.address for r in message.recipients
                     if r.state.final or (r.last_attempt_at or 0.0) >= now}
-            missing = tuple(r for r in results if r.address not in done)
+            known = {r.address for r in message.recipients}
+            missing = tuple(r for r in results if r.address in known - skip)
             if missing:
                 self._update(message_id, partial(self._apply, missing, now))
                 report.replayed.append(message_id)

@@ -38,7 +38,8 @@ got no 250 and will retry; after it, nothing is lost.
    durable then, power losses included;
 4. works out the DSNs owed (:func:`maitred_tx.queue.dsn.notices`), enqueues each with
    :meth:`QueueStore.add`, then calls :meth:`QueueStore.record_notified` for every
-   final recipient (owed a DSN or not);
+   final recipient (owed a DSN or not) - a message whose recipients are all final and
+   that owes none may skip this for 5: a crash then leaves it to be settled again;
 5. calls :meth:`QueueStore.remove` once :attr:`QueuedMessage.done`.
 
 A crash at any point repeats at most the step it interrupted: before 3 completes the

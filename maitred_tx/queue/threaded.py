@@ -3,8 +3,9 @@ runs in a thread pool and returns a Deferred.
 
 The reactor and the pool are given (the global reactor is never imported); without a
 pool, ``reactor.getThreadPool()`` is used, as :mod:`maitred_tx.delivery.maildir` does.
-Only ``MessageWriter.write`` is called on the reactor thread: it appends to a bounded
-buffer (see :class:`~maitred_tx.queue.store.MessageWriter`).
+Only ``MessageWriter.write`` (it appends to a bounded buffer, see
+:class:`~maitred_tx.queue.store.MessageWriter`) and ``journal_attempt`` (one appending
+``write`` of a line) are called on the reactor thread.
 """
 
 from __future__ import annotations

@@ -1,19 +1,26 @@
 """The queue runner: takes due messages from the queue and sends them onward.
 
-One run takes the messages whose time has come (``QueueStore.due``), groups each one's
-pending recipients by destination (their domain, or the smarthost), and sends each group
-with ``OutboundSender``; deliveries to one destination go one after another over one
-connection (reused for the next message: ``ConnectionCache``), different destinations
-in parallel, at most ``concurrency`` at once.
+One run takes the messages whose time has come (``QueueStore.due``) and are not being
+delivered already, and starts each: its pending recipients are grouped by destination
+(their domain, or the smarthost) and each group is sent with ``OutboundSender``;
+deliveries to one destination go one after another over one connection (reused for
+the next message: ``ConnectionCache``), different destinations in parallel, at most
+``concurrency`` at once.  A run does not wait for the deliveries it started, so mail
+for one destination is never held back behind another's backlog; and a message waits
+for its destination's turn before it takes one of the ``concurrency`` places.
 
 Per message it follows the queue's crash protocol (``maitred_tx.queue.store``): the
 results of an attempt are recorded durably at once; then the DSNs owed are built and
 queued (RFC 3464; never for a bounce), then recorded as sent, then a message whose
 every recipient is final is removed.  A crash anywhere repeats at most the step it
-interrupted.
+interrupted.  An error of ours while sending defers the recipients (4.3.0); one after
+it (the record, a DSN: a full disk) keeps the message out of the runs for
+``policy.first`` seconds, and results not recorded are recorded before it is sent
+again - never a loop that repeats the error, or the message, as fast as it can.
 
-When runs happen: at start; when a message is queued (``notify``); when the earliest
-retry is due; when an operator asks (``maitred-queue flush`` leaves a trigger file,
+When runs happen: at start; when a message is queued (``notify`` starts it at once);
+when the earliest retry is due (while deliveries are under way, at most every ``poll``
+seconds); when an operator asks (``maitred-queue flush`` leaves a trigger file,
 looked at every ``poll`` seconds), and at least every ``scan`` seconds.
 """
 
@@ -27,11 +34,18 @@ from typing import Any, Final
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from maitred_tx.queue.dsn import build_dsn, notices, read_original, to_settle
+from maitred_tx.queue.dsn import Notice, build_dsn, notices, read_original, to_settle
 from maitred_tx.queue.schedule import DelayWarning, RetryPolicy
-from maitred_tx.queue.store import QueuedMessage, QueuedRecipient
+from maitred_tx.queue.store import (
+    AttemptResult,
+    QueuedMessage,
+    QueuedRecipient,
+    QueueEnvelope,
+    RecipientState,
+)
 from maitred_tx.queue.threaded import ThreadedQueue
 from maitred_tx.relay.sender import OutboundSender, destination_of
 
@@ -96,6 +110,16 @@ class QueueRunner(Service):
         self._poller: LoopingCall | None = None
         self._destinations: dict[str, defer.DeferredSemaphore] = defaultdict(
             lambda: defer.DeferredSemaphore(destination_concurrency))
+        # The messages being delivered (a run never starts one twice; stopService
+        # waits for them), and those whose delivery raised (a full disk, a bug), kept
+        # from the runs until the time given: neither the error nor - when it was the
+        # record of a 250 that failed - the message goes out again in a loop.
+        self._active: dict[str, defer.Deferred[None]] = {}
+        self._cooling: dict[str, float] = {}
+        # Results that could not be recorded (record_attempt raised): recorded before
+        # that message is sent again, so that what the next hop took is not resent.
+        self._unrecorded: dict[str, tuple[list[AttemptResult], float]] = {}
+        self._more = False  # the last run left due messages for the next one
         self.attempts = 0  # deliveries attempted, for tests and logs
         # The queue's own threads (started and stopped with the runner), so that
         # recording a delivery never waits behind the commits of incoming mail in the
@@ -121,19 +145,27 @@ class QueueRunner(Service):
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self.sender.connections.close()
-        running = self._running
-        if running is None:
+        # Transactions under way finish; messages still waiting for a place do not
+        # start (_attempt), and are sent after the next start.
+        pending = [d for d in (self._running, *self._active.values()) if d is not None]
+        if not pending:
             self._stop_threads()
             return None
-        return running.addErrback(lambda f: None).addBoth(lambda _: self._stop_threads())
+        return defer.DeferredList(pending, consumeErrors=True).addBoth(
+            lambda _: self._stop_threads())
 
     def _stop_threads(self) -> None:
         if self.threadpool is not None and self.threadpool.started:
             self.threadpool.stop()
 
-    def notify(self, message: Any = None) -> None:
-        """A message was queued (``QueueDelivery.subscribe``): run soon."""
-        self.kick()
+    def notify(self, message: QueuedMessage | None = None) -> None:
+        """A message was queued (``QueueDelivery.subscribe``): start it now (no scan
+        of the queue per message), or run soon."""
+        if (message is not None and self.running and message.id not in self._active
+                and len(self._active) < BATCH):
+            self._start(message.id)
+        else:
+            self.kick()
 
     def kick(self) -> None:
         """Run now, or right after the run in progress."""
@@ -165,12 +197,14 @@ class QueueRunner(Service):
 
     async def _run(self) -> None:
         now = self.clock()
-        ids = await self.queue.due(now, BATCH)
-        work = [self.semaphore.run(self._message_deferred, i) for i in ids]
-        if work:
-            await defer.DeferredList(work, consumeErrors=True)
-        if len(ids) == BATCH:
-            self._again = True
+        self._cooling = {i: t for i, t in self._cooling.items() if t > now}
+        skip = len(self._active) + len(self._cooling)
+        ids = await self.queue.due(now, BATCH + skip)
+        fresh = [i for i in ids if i not in self._active and i not in self._cooling]
+        room = max(BATCH - len(self._active), 0)
+        for message_id in fresh[:room]:
+            self._start(message_id)
+        self._more = len(ids) == BATCH + skip or len(fresh) > room
         if self.metrics is not None:
             count = await self.queue.count()
             if count is not None:
@@ -182,22 +216,44 @@ class QueueRunner(Service):
         if not self.running:
             return
         due = await self.queue.next_due()
-        delay = self.scan if due is None else min(max(due - self.clock(), 0.0), self.scan)
+        if due is None:
+            delay = self.scan
+        else:
+            delay = due - self.clock()
+            if self._active or self._cooling:  # the earliest may be one of those:
+                delay = max(delay, self.poll)  # look again soon, not in a loop
+            delay = min(max(delay, 0.0), self.scan)
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self._wakeup = self.reactor.callLater(delay, self.kick)
 
-    def _message_deferred(self, message_id: str) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._message(message_id))
+    def _start(self, message_id: str) -> None:
+        delivery = defer.ensureDeferred(self._message(message_id))
+        self._active[message_id] = delivery
+        delivery.addBoth(self._finished, message_id)
+
+    def _finished(self, _: object, message_id: str) -> None:
+        self._active.pop(message_id, None)
+        if self._more and len(self._active) <= BATCH // 2:
+            self.kick()  # refill from the messages the last run left
 
     async def _message(self, message_id: str) -> None:
         try:
             await self._deliver(message_id)
         except Exception:
-            _log.failure("queue: delivering {id} failed", id=message_id)
+            self._cooling[message_id] = self.clock() + self.policy.first
+            _log.failure("queue: delivering {id} failed; not tried again for {seconds:g} s",
+                         id=message_id, seconds=self.policy.first)
 
     async def _deliver(self, message_id: str) -> None:
         message = await self.queue.load(message_id)
+        unrecorded = self._unrecorded.pop(message_id, None)
+        if message is not None and unrecorded is not None:
+            try:
+                message = await self.queue.record_attempt(message_id, *unrecorded)
+            except BaseException:
+                self._unrecorded[message_id] = unrecorded
+                raise
         if message is None or message.held:
             return
         now = self.clock()
@@ -207,28 +263,65 @@ class QueueRunner(Service):
         for r in pending:
             groups[destination_of(r.address, self.sender.relay)].append(r)
         for destination, recipients in groups.items():
-            slot = self._destinations[destination]
-            await slot.acquire()
+            recorded = await self._attempt(message, recipients, destination)
+            if recorded is None:  # deleted meanwhile, or stopping
+                return
+            message = recorded
+        await self._settle(message)
+
+    async def _attempt(self, message: QueuedMessage, recipients: list[QueuedRecipient],
+                       destination: str) -> QueuedMessage | None:
+        """Send *recipients* to *destination* once and record the results."""
+        slot = self._destinations[destination]
+        await slot.acquire()  # the destination's turn first, then one of the places:
+        try:  # a message waiting for its turn holds no place another could use
+            await self.semaphore.acquire()
             try:
-                results = await self.sender.deliver(
-                    message, recipients, lambda: self.queue.open_body(message_id),
-                    destination)
+                if not self.running:
+                    return None
+                try:
+                    results = await self.sender.deliver(
+                        message, recipients, lambda: self.queue.open_body(message.id),
+                        destination)
+                except Exception as e:  # ours (a bug, the disk): retried, given up in time
+                    _log.failure("queue: sending {id} to {destination} failed",
+                                 id=message.id, destination=destination)
+                    results = [AttemptResult(r.address, RecipientState.DEFERRED,
+                                             status="4.3.0", diagnostic=f"local error: {e}")
+                               for r in recipients]
                 self.attempts += 1
                 # At once, before anything else: the crash protocol's step 3.  The
                 # journal line, written right here on this thread, survives a crash of
                 # this process from now on; the envelope's fsync'd rewrite follows (for
                 # power losses).  The destination's slot is held until it is done.
                 now = self.clock()
-                journaled = self.queue.journal_attempt(message_id, results, now)
-                recorded = await self.queue.record_attempt(message_id, results, now,
-                                                           journaled=journaled)
+                journaled = self.queue.journal_attempt(message.id, results, now)
+                try:
+                    recorded = await self.queue.record_attempt(message.id, results, now,
+                                                               journaled=journaled)
+                except BaseException:
+                    self._unrecorded[message.id] = (results, now)
+                    raise
             finally:
-                slot.release()
-            if recorded is None:  # deleted meanwhile
-                return
-            message = recorded
-            self._log_results(message, results, destination)
-        await self._settle(message)
+                self._release(self.semaphore)
+        finally:
+            self._release(slot)  # may run a waiter to its end, which may drop the slot
+            if (slot.tokens == slot.limit and not slot.waiting
+                    and self._destinations.get(destination) is slot):
+                del self._destinations[destination]  # one per destination in use only
+        if recorded is not None:
+            self._log_results(recorded, results, destination)
+        return recorded
+
+    def _release(self, semaphore: defer.DeferredSemaphore) -> None:
+        """Give a place back.  While stopping, each waiter resumes only to return, and
+        would do so inside the previous one's release(): released from the reactor
+        then, not nested, or a hundred waiters exceed the recursion limit and the
+        stop never ends."""
+        if self.running:
+            semaphore.release()
+        else:
+            self.reactor.callLater(0, semaphore.release)
 
     async def _settle(self, message: QueuedMessage) -> None:
         """Queue the DSNs owed, record them, remove the message once done."""
@@ -241,16 +334,12 @@ class QueueRunner(Service):
             await self.queue.remove(message.id)
             return
         for notice in owed:
-            body = await self.queue.open_body(message.id)
-            if body is None:
+            pool = self.threadpool or self.reactor.getThreadPool()
+            built = await deferToThreadPool(self.reactor, pool, self._build_dsn, message,
+                                            notice, now)
+            if built is None:  # deleted meanwhile
                 return
-            try:
-                original, full = read_original(message, body)
-            finally:
-                body.close()
-            envelope, data = build_dsn(message, notice, reporting_mta=self.hostname,
-                                       original=original, full=full, now=now,
-                                       policy=self.policy)
+            envelope, data = built
             dsn_id = await self.queue.add(envelope, [data])
             _log.info("queue: {id}: {kind} DSN queued as {dsn} for <{sender}>",
                       id=message.id, kind=notice.kind.value, dsn=dsn_id,
@@ -270,6 +359,19 @@ class QueueRunner(Service):
             message = updated
         if message.done:
             await self.queue.remove(message.id)
+
+    def _build_dsn(self, message: QueuedMessage, notice: Notice, now: float
+                   ) -> tuple[QueueEnvelope, bytes] | None:
+        """In a thread: the DSN for *notice*, its original read from the stored body
+        (up to dsn.MAX_RETURN_FULL octets for RET=FULL) and scanned - never on the
+        reactor thread.  None if the body is gone."""
+        body = self.queue.store.open_body(message.id)
+        if body is None:
+            return None
+        with body:
+            original, full = read_original(message, body)
+        return build_dsn(message, notice, reporting_mta=self.hostname, original=original,
+                         full=full, now=now, policy=self.policy)
 
     def _log_results(self, message: QueuedMessage, results: Any, destination: str) -> None:
         for result in results:

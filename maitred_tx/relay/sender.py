@@ -327,13 +327,16 @@ class OutboundSender:
                 message.sender or "",
                 [_recipient(r) for r in recipients],
                 _stream(prefix, body),
-                dsn=DSN(ret=message.ret, envid=message.envid),
+                dsn=_dsn(message),
                 size=message.size + len(prefix),
                 body_type=message.body_type,
                 smtputf8=message.smtputf8,
             )
         except SMTPClientError as e:
             return e
+        except BaseException:
+            client.abort()  # in an unknown state: never cached, never left open
+            raise
         finally:
             with contextlib.suppress(Exception):
                 body.close()
@@ -380,6 +383,17 @@ class OutboundSender:
 
 def _endpoint_host(ip: str) -> str:
     return ip.replace(":", "\\:")  # IPv6 colons are escaped in endpoint strings
+
+
+def _dsn(message: QueuedMessage) -> DSN:
+    """RET and ENVID for the next hop.  Our server takes any printable ENVID (a space
+    too, as xtext "+20"), the client sends none with a space: such an ENVID is left
+    out rather than the message kept from delivery."""
+    try:
+        return DSN(ret=message.ret, envid=message.envid)
+    except ValueError as e:
+        _log.info("{id}: ENVID not passed on: {why}", id=message.id, why=str(e))
+        return DSN(ret=message.ret)
 
 
 def _recipient(r: QueuedRecipient) -> Recipient:

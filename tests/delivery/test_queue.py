@@ -295,3 +295,17 @@ def test_queue_envelope_keeps_every_parameter() -> None:
     [r] = qe.recipients
     assert (r.address, r.notify, r.orcpt) == ("josé@exämple.com", frozenset({Notify.NEVER}),
                                               ("utf-8", "josé@exämple.com"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_recipient_given_twice_is_queued_once(served: Served) -> None:
+    """RCPT TO the same mailbox twice (a list expanded client-side, a retrying MUA):
+    one queued recipient, so one copy onward and one line in a DSN - as Postfix's
+    cleanup drops duplicate recipients.  The first one's DSN parameters are kept."""
+    code, _ = await deferToThread(
+        send, served.port, "alice@origin.test",
+        ["bob@example.com", "carol@example.net", "bob@EXAMPLE.com"], MESSAGE)
+    assert code == 250
+    [message] = list(served.store.load_all())
+    assert [r.address for r in message.recipients] == ["bob@example.com",
+                                                       "carol@example.net"]

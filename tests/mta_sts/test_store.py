@@ -250,6 +250,25 @@ async def test_refresh_after_refetches_the_same_id(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_one_day_policy_is_refreshed_before_it_expires(
+    make_store: Callable[..., PolicyStore], https: PolicyServer, dns_now: Dnsmasq
+) -> None:
+    """max_age 86400 and the default refresh_after of a day: an hourly refresh_cached()
+    refetches it half-way, so that an HTTPS outage at the 24th hour still finds it."""
+    clock = clock_at(1_000_000)
+    store = make_store(dns_now, clock=clock.seconds)
+    assert await store.policy_for("example.test") == GOOD  # max_age 86400
+    for _ in range(23):
+        clock.advance(3600)
+        await store.refresh_cached()
+    assert https.requests["mta-sts.example.test"] == 2  # at the 12th hour
+    assert store.cached("example.test").fetched_at == 1_043_200  # type: ignore[union-attr]
+    del https.handlers["mta-sts.example.test"]  # the policy host is down (404)
+    clock.advance(3600)
+    assert await store.policy_for("example.test") == GOOD  # still within its max_age
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_certificate_caches_nothing(
     make_store: Callable[..., PolicyStore], https: PolicyServer, dns_now: Dnsmasq,
     tmp_path: Path,

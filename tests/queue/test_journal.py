@@ -90,3 +90,22 @@ def test_the_journal_is_emptied_when_nothing_is_in_flight(tmp_path: Path) -> Non
     assert os.path.getsize(tmp_path / "journal") > 0  # one still in flight
     store.record_attempt(message_id, results, 1000.5, journaled=True)
     assert os.path.getsize(tmp_path / "journal") == 0
+
+
+def test_a_journal_line_that_fits_no_message_is_ignored(tmp_path: Path) -> None:
+    """A line naming no valid id, or an address the message does not have (a damaged
+    journal): the start goes on, applying what fits - it used to raise out of
+    recover() (ValueError, KeyError), and the server could not start on its spool."""
+    store, message_id = spool_with_one(tmp_path)
+    store.close()
+    with open(tmp_path / "journal", "ab") as f:
+        f.write(b'["../etc/passwd",1000.0,[["b@example.net","relayed",null,null,null,'
+                b'null,false]]]\n')
+        f.write(b'["' + message_id.encode() + b'",1000.0,[["x@example.net","relayed",'
+                b'null,null,null,null,false],["b@example.net","relayed",null,null,null,'
+                b'null,false]]]\n')
+    again = SpoolStore(tmp_path, sync=False)
+    assert again.recover().replayed == [message_id]
+    states = {r.address: r.state for r in again.load(message_id).recipients}
+    assert states == {"b@example.net": RecipientState.RELAYED,
+                      "c@example.net": RecipientState.PENDING}

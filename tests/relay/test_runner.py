@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import succeed
 from twisted.internet.task import deferLater
 
 from maitred_tx.delivery.memory import MemoryDelivery
@@ -251,6 +252,209 @@ async def test_dkim_signed_on_the_way_out(receiver, relay, tmp_path, dns):
 
     assert dkim.verify(body, dnsfunc=dnsfunc)
 
+
+
+# --- error paths and fairness ---------------------------------------------------------
+
+
+class SlowFor(MemoryDelivery):
+    """Answers DATA *seconds* late for messages to *domain*: a slow destination."""
+
+    def __init__(self, domain: str, seconds: float) -> None:
+        super().__init__()
+        self.domain, self.seconds = domain, seconds
+
+    def open_message(self, envelope: Any) -> Any:
+        sink = super().open_message(envelope)
+        if any(rc.mailbox.domain == self.domain for rc in envelope.recipients):
+            close = sink.close
+            sink.close = lambda: deferLater(reactor, self.seconds, close)  # type: ignore
+        return sink
+
+
+def to(mx, domain: str) -> int:
+    return sum(any(rc.mailbox.domain == domain for rc in m.envelope.recipients)
+               for m in mx.messages)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_destination_does_not_hold_back_new_mail_for_another(receiver, relay):
+    """A run used to wait for every delivery it started: mail queued meanwhile for a
+    fast destination waited behind the slow one's whole backlog."""
+    mx = receiver(delivery=SlowFor("sts.test", 1.0))
+    r = relay(port=mx.port)
+    for i in range(3):
+        r.add("alice@sender.test", ["bob@sts.test"], MESSAGE.replace(b"Hello", b"S%d" % i))
+    await deferLater(reactor, 0.3, lambda: None)  # the slow ones are under way
+    started = time.monotonic()
+    r.add("alice@sender.test", ["bob@good.test"], MESSAGE)
+    await until(lambda: to(mx, "good.test"), what="the fast destination's message")
+    assert time.monotonic() - started < 0.9
+    assert to(mx, "sts.test") <= 1  # the slow backlog was still being sent
+    await until(lambda: to(mx, "sts.test") == 3, what="the slow backlog")
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_waiting_for_their_destination_hold_no_delivery_place(
+        receiver, relay):
+    """With 2 places, 3 messages for one (slow) destination used to fill both places,
+    one of them only waiting for the destination's turn: the other destination's
+    message, in the same run, waited for the slow ones."""
+    from maitred_tx.queue.store import QueuedRecipient, QueueEnvelope
+
+    mx = receiver(delivery=SlowFor("sts.test", 1.0))
+    r = relay(port=mx.port, concurrency=2)
+    for address in ("bob@sts.test", "carol@sts.test", "dave@sts.test", "bob@good.test"):
+        r.store.add(QueueEnvelope("alice@sender.test", (QueuedRecipient(address),)),
+                    [MESSAGE])
+    started = time.monotonic()
+    r.runner.kick()  # one run finds all four
+    await until(lambda: to(mx, "good.test"), what="the fast destination's message")
+    assert time.monotonic() - started < 0.9
+    await until(lambda: to(mx, "sts.test") == 3, what="the slow ones")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_envid_the_client_will_not_send_does_not_stick_the_message(
+        receiver, relay):
+    """Our server takes ENVID=a+20b (a space); the client refuses to send an ENVID with
+    a space.  That ValueError escaped the sender: the message was never recorded, the
+    runner retried it at once, forever, leaking one connection each time."""
+    mx = receiver()
+    r = relay(port=mx.port)
+    message_id = r.add("alice@sender.test", ["bob@good.test"], MESSAGE, envid="a b")
+    await until(lambda: r.store.load(message_id) is None, what="the message to go")
+    assert len(mx.messages) == 1 and len(mx.sessions) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_record_does_not_resend_in_a_loop(receiver, relay):
+    """The envelope cannot be rewritten (a full disk): the message was due at once
+    again, and went to the destination again and again, as fast as it answered.  Once
+    the disk is back, the results kept in memory are recorded: no second copy."""
+    import errno
+
+    from maitred_tx.queue.schedule import RetryPolicy
+
+    mx = receiver()
+    r = relay(port=mx.port, policy=RetryPolicy(first=1.5))
+    store = r.store
+    real = store.record_attempt
+    failures = []
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        failures.append(args[0])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.record_attempt = full  # type: ignore[method-assign]
+    message_id = r.add("alice@sender.test", ["bob@good.test"], MESSAGE)
+    await until(lambda: failures, what="the failed record")
+    await deferLater(reactor, 0.8, lambda: None)
+    assert len(mx.messages) == 1 and len(failures) == 1
+    store.record_attempt = real  # type: ignore[method-assign]
+    assert store.load(message_id) is not None  # still queued: retried later
+    await until(lambda: store.load(message_id) is None, what="the record and removal")
+    assert len(mx.messages) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_cannot_be_read_closes_the_connection(receiver, relay):
+    """The stored body fails to read (EIO): the error leaves the sender with its
+    connection dropped (it used to stay open, neither cached nor closed), and the
+    recipient is deferred - retried later, given up in time - rather than the message
+    retried at once, in a loop, and never bounced."""
+    import errno
+
+    mx = receiver()
+    r = relay(port=mx.port)
+    reads = []
+
+    class Unreadable:
+        def read(self, size: int = -1) -> bytes:
+            reads.append(size)
+            raise OSError(errno.EIO, "Input/output error")
+
+        def close(self) -> None:
+            pass
+
+    r.queue.open_body = lambda message_id: succeed(Unreadable())  # type: ignore
+    message_id = r.add("alice@sender.test", ["bob@good.test"], MESSAGE)
+    await until(lambda: reads, what="the failed read")
+    await until(lambda: mx.sessions and mx.sessions[0].transport.disconnected,
+                timeout=3.0, what="the connection to close")
+    await deferLater(reactor, 0.5, lambda: None)
+    assert len(mx.sessions) == 1 and mx.messages == []
+    [bob] = r.store.load(message_id).recipients
+    assert (bob.state, bob.status) == (RecipientState.DEFERRED, "4.3.0")
+    assert "Input/output error" in bob.diagnostic and bob.next_attempt_at > time.time()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_bounce_is_read_and_built_off_the_reactor_thread(receiver, relay,
+                                                                    monkeypatch):
+    """A RET=FULL bounce reads up to 1 MiB of the stored message and scans it: in a
+    thread, not on the reactor thread (where it used to be)."""
+    import threading
+
+    from maitred_tx.relay import runner as runner_module
+
+    threads = []
+    for name in ("read_original", "build_dsn"):
+        real = getattr(runner_module, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            threads.append((_name, threading.get_ident()))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(runner_module, name, spy)
+    mx = receiver()
+    r = relay(port=mx.port)
+    r.add("alice@sender.test", ["x@nullmx.test"], MESSAGE)
+    await until(lambda: mx.messages, what="the bounce")
+    reactor_thread = threading.get_ident()
+    assert [n for n, _ in threads] == ["read_original", "build_dsn"]
+    assert all(t != reactor_thread for _, t in threads)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_waits_for_the_transaction_under_way_only(receiver, relay):
+    """Stopped while one message is being sent and 150 wait for their destination's
+    turn: the stop waits for the one (a run used to wait for all of them), the others
+    stay queued, untouched, and nothing fails on the way out.  (Each waiter, resumed
+    inside the previous one's release, used to nest: 150 of them exceeded the
+    recursion limit, and the stop never ended.)"""
+    from twisted.logger import globalLogPublisher
+
+    from maitred_tx.queue.store import QueuedRecipient, QueueEnvelope
+
+    mx = receiver(delivery=SlowFor("sts.test", 1.0))
+    r = relay(port=mx.port)
+    envelope = QueueEnvelope("alice@sender.test", (QueuedRecipient("bob@sts.test"),))
+    r.store.sync = False  # 150 messages, quickly: durability is not the point here
+    ids = [r.store.add(envelope, [MESSAGE]) for _ in range(150)]
+    r.runner.kick()
+    await until(lambda: mx.sessions, what="the first in flight")
+    await deferLater(reactor, 0.3, lambda: None)  # the others are loaded and waiting
+    errors: list[Any] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_level") is not None and event["log_level"].name in (
+                "error", "critical"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        started = time.monotonic()
+        stopped = r.runner.stopService()
+        await until(lambda: stopped.called, timeout=5.0, what="the stop")
+        took = time.monotonic() - started
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert took < 1.8 and errors == []
+    assert len(mx.messages) == 1
+    left = [r.store.load(i) for i in ids]
+    assert sum(m is None for m in left) == 1
+    assert all(m.recipients[0].attempts == 0 for m in left if m is not None)
 
 
 
