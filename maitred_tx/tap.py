@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from maitred_tx.metrics import (
+    MULTIPROC_ENV,
     default_metrics,
     metrics_resource,
     metrics_service,
@@ -483,7 +484,10 @@ def _supervisor(options: Options, reactor: Any) -> Any:
         # The workers count into files here (prometheus_client's multiprocess mode);
         # this process serves their sum.
         multiproc_dir = _metrics_dir(twistd)
-        env["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+        env[MULTIPROC_ENV] = multiproc_dir
+        # This process counts too (the queue it runs), into the same directory: set
+        # before prometheus_client is first imported here (metrics_resource, below).
+        os.environ[MULTIPROC_ENV] = multiproc_dir
         on_exit = partial(worker_exited, multiproc_dir=multiproc_dir)
     pool = _TwistdPool(
         reactor, options.listener_descriptions(), options["workers"],
@@ -499,7 +503,8 @@ def _supervisor(options: Options, reactor: Any) -> Any:
         # The supervisor owns the spool: it recovers it and runs its queue; the
         # workers add messages and tell it (SpoolStore.notify_new).
         delivery = _queue_delivery(options, reactor)
-        _queue_runner(options, reactor, delivery.queue).setServiceParent(pool)
+        metrics = default_metrics() if multiproc_dir is not None else None
+        _queue_runner(options, reactor, delivery.queue, metrics).setServiceParent(pool)
     pool.text_log = text_log
     return pool
 

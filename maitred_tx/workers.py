@@ -96,22 +96,22 @@ class _Worker(ProcessProtocol):
         self.started = 0.0
         self.pid: int | None = None
         self.ended: defer.Deferred[None] = defer.Deferred()
-        self._partial = b""
+        self._partial: dict[int, bytes] = {}  # stdout's and stderr's unfinished lines
 
-    def outReceived(self, data: bytes) -> None:
-        # Whole lines only, so that two workers' lines never interleave mid-line.
-        data = self._partial + data
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        # Whole lines only, so that two workers' lines, or one worker's stdout and
+        # stderr lines, never interleave mid-line.
+        data = self._partial.pop(childFD, b"") + data
         end = data.rfind(b"\n") + 1
-        self._partial = data[end:]
+        if end < len(data):
+            self._partial[childFD] = data[end:]
         if end:
             self.pool.write_log(data[:end])
 
-    errReceived = outReceived
-
     def processEnded(self, reason: Failure) -> None:
-        if self._partial:
-            self.pool.write_log(self._partial + b"\n")
-            self._partial = b""
+        for rest in self._partial.values():
+            self.pool.write_log(rest + b"\n")
+        self._partial.clear()
         self.pool.ended(self, reason)
         self.ended.callback(None)
 
@@ -316,8 +316,9 @@ def become_worker(reactor: Any) -> None:
 def worker_command(twistd_args: Sequence[str], maitred_args: Sequence[str],
                    fds: Sequence[int]) -> list[str]:
     """The command line of one worker: this interpreter running twistd in the
-    foreground with *twistd_args* (log and reactor options), then ``maitred`` with the
-    supervisor's own arguments and the inherited sockets."""
+    foreground with *twistd_args* (the supervisor's --syslog or --logger; not its
+    --reactor, which tap._supervisor does not pass on: workers run the default one),
+    then ``maitred`` with the supervisor's own arguments and the inherited sockets."""
     boot = "from twisted.scripts.twistd import run; run()"
     return [sys.executable, "-c", boot, "-n", "--pidfile=", *twistd_args, "maitred",
             *maitred_args, "--inherited-fds", ",".join(map(str, fds))]

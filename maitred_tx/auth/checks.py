@@ -323,8 +323,14 @@ class CheckingSink:
 
     def close(self) -> Any:
         checker = self._checker
-        verdict, key = checker.cached_verdict(self._spool, self.envelope, self._settings,
-                                              self._max_header)
+        try:
+            verdict, key = checker.cached_verdict(self._spool, self.envelope,
+                                                  self._settings, self._max_header)
+        except Exception:  # a bug in the cache's path: the checks thread's path decides
+            _log.failure("{peer} message {message_id}: the verdict cache failed",
+                         peer=self.envelope.session.peer_host,
+                         message_id=self.envelope.message_id)
+            verdict, key = None, None
         if verdict is not None:  # judged from the verdict cache, on this thread
             try:
                 outcome = self._deliver(verdict)

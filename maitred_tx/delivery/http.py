@@ -364,7 +364,6 @@ class _HTTPSink:
         self._owner = owner
         self._spool: _Spool | None = _Spool(
             tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY))  # noqa: SIM115 (closed)
-        self._too_big = False
         self._state = "open"  # -> "closing" -> "closed", or -> "aborted"
         if owner.received:
             recipients = envelope.recipients
@@ -377,8 +376,7 @@ class _HTTPSink:
             return
         limit = self._owner.max_size
         if limit is not None and spool.size + len(data) > limit:
-            self._too_big = True  # refused at close; nothing more is kept
-            self._drop()
+            self._drop()  # refused at close (no spool left); nothing more is kept
             return
         spool.file.write(data)
         spool.size += len(data)

@@ -197,10 +197,13 @@ class _Pool:
                 raise ConnectionLost("the LMTP server closed the connection at once",
                                      permanent=False)
         except BaseException:
+            # The slot is free before the next waiter is woken: it resumes at once
+            # (inside _wake) and must find it free, or it waits again with nobody left
+            # to wake it.
+            self._connecting -= 1
             self._wake()  # the next waiter may try its own
             raise
-        finally:
-            self._connecting -= 1
+        self._connecting -= 1
         self.made += 1
         self._live.add(client)
         client.protocol.closed.addBoth(self._gone, client)
@@ -343,6 +346,9 @@ class LMTPDelivery(Delivery):
                 if reused and attempt == 1 and isinstance(e, ConnectionLost) and not probe.replies:
                     continue  # closed while idle: try a new connection once
                 return self._unavailable(f"verify <{address}>", e)
+            except BaseException:  # a bug: the slot must not be lost with it
+                self._pool.release(client, False)
+                raise
             self._pool.release(client, client.connected)
             return probe.outcome()
         raise AssertionError("unreachable")  # pragma: no cover

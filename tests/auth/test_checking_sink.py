@@ -117,3 +117,22 @@ def test_with_auth_is_replace_field_by_field() -> None:
     assert after == dataclasses.replace(before, auth=auth)
     assert all(getattr(after, f.name) is getattr(before, f.name)
                for f in dataclasses.fields(Envelope) if f.name != "auth")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bug_in_the_verdict_cache_falls_back_to_the_checks_thread(checker_for) -> None:
+    """The cache's path runs on the reactor thread before any hand-over: an exception
+    there is logged and the message is checked the usual way, not refused."""
+    checker = checker_for(NoRecords())
+    checker._expiring = object()  # as if the resolver said when answers expire
+
+    def broken(*args: Any) -> Any:
+        raise KeyError("cache bug")
+
+    checker.cached_verdict = broken  # type: ignore[method-assign]
+    sink = AsyncCloseSink()
+    with capturedLogs() as events:
+        outcome = await deliver(checker, sink)
+    assert outcome == Accepted("stored")
+    assert b"".join(sink.data).startswith(b"Authentication-Results: mx.test;")
+    assert any("verdict cache failed" in e.get("log_format", "") for e in events)

@@ -304,6 +304,20 @@ async def test_concurrent_messages_share_the_connections_allowed(downstream, lmt
     assert two.connections_made == 2
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_message_waiting_for_a_failed_connection_gets_its_own_try(
+        lmtp, tmp_path: Path) -> None:
+    # Review fix: the waiter was woken while the failed connection still held the only
+    # slot, queued itself again, and nothing ever woke it: the message hung.
+    delivery = lmtp(f"unix:{tmp_path / 'nothing-here'}:timeout=2", max_connections=1)
+    sinks = [delivery.open_message(envelope(f"<user{i}@localhost>")) for i in range(3)]
+    for sink in sinks:
+        sink.write(MESSAGE)
+    closing = gatherResults([sink.close() for sink in sinks])
+    closing.addTimeout(5, reactor)
+    assert await closing == [[UNAVAILABLE]] * 3
+
+
 class Flaky(portforward.ProxyServer):
     """Forwards to the LMTP server; a connection in ``factory.doomed``, or any when
     ``factory.drop_mail`` is set, is cut (without a reply) when MAIL comes."""
@@ -428,6 +442,28 @@ async def test_verify_retries_a_reused_connection_found_closed(downstream, proxy
     assert await delivery.verify(bob) is None
     assert server.delivery.rcpts == ["bob@localhost", "bob@localhost"]
     assert len(front.factory.opened) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_probe_that_fails_unexpectedly_gives_its_connection_back(
+        downstream, lmtp, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review fix: only SMTPClientError released the connection; any other error kept
+    # its slot for ever, and with every slot gone every message waited for ever.
+    server = downstream()
+    delivery = lmtp(server.endpoint, verify_recipients=True, max_connections=1)
+    bob = parse_forward_path("<bob@localhost>", smtputf8=True)
+
+    def broken(self: Any) -> bytes:
+        raise KeyError("a bug in the probe")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Probe, "start", broken)
+        with pytest.raises(KeyError):
+            await delivery.verify(bob)
+    verified: Deferred[Any] = Deferred.fromCoroutine(delivery.verify(bob))
+    verified.addTimeout(5, reactor)
+    assert await verified is None
+    assert server.delivery.rcpts[-1] == "bob@localhost"
 
 
 @pytest_twisted.ensureDeferred

@@ -19,7 +19,7 @@ import pytest
 from maitred_interop import LOCALHOST, Client, free_port, twistd_command
 
 from maitred_tx.smtp.config import Limits
-from maitred_tx.workers import worker_limits
+from maitred_tx.workers import _Worker, worker_limits
 
 
 def children(pid: int) -> list[int]:
@@ -146,6 +146,23 @@ def test_worker_limits() -> None:
     assert worker_limits(Limits(max_client_connections=1), 8).max_client_connections == 1
 
 
+def test_a_workers_stdout_and_stderr_lines_stay_whole() -> None:
+    """Review fix: stdout and stderr shared one unfinished-line buffer, so a line on
+    stderr (a traceback) was glued onto half a log line from stdout."""
+    written: list[bytes] = []
+
+    class Pool:
+        write_log = staticmethod(written.append)
+
+    worker = _Worker(Pool(), 0)  # type: ignore[arg-type]
+    worker.childDataReceived(1, b"2025-01-01 [maitred] half of a ")
+    worker.childDataReceived(2, b"Traceback (most recent call last):\n")
+    worker.childDataReceived(1, b"line\nthe next")
+    worker.childDataReceived(1, b" one\n")
+    assert written == [b"Traceback (most recent call last):\n",
+                       b"2025-01-01 [maitred] half of a line\n", b"the next one\n"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -191,3 +208,21 @@ def test_the_supervisor_serves_the_workers_metrics(twistd):
             assert value(samples, "maitred_messages_total", mode="mx", result="accepted") == 4
         finally:
             held.close()
+
+
+def test_the_supervisors_queue_length_is_served_with_the_workers_metrics(twistd):
+    """--delivery queue with --workers: the supervisor runs the queue, so it counts the
+    queue's length into the workers' directory.  (Review fix: it counted nowhere, and
+    maitred_queue_messages was missing from the endpoint.)"""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_metrics import curl, parse, value
+
+    port, nowhere = free_port(), free_port()  # the relay host refuses: the message stays
+    with twistd("--workers", "1", "--delivery", "queue", "--no-auth-checks",
+                "--relay-host", f"[{LOCALHOST}]:{nowhere}",
+                "--metrics", f"tcp:{port}:interface={LOCALHOST}") as server:
+        ready(server, 1)
+        assert send(server.port) == [250]
+        url = f"http://{LOCALHOST}:{port}/metrics"
+        wait_until(lambda: value(parse(curl(url)[1]), "maitred_queue_messages") == 1,
+                   what="the queue gauge at 1")
