@@ -12,8 +12,9 @@ This module owns the webhook contract (README, "HTTP webhook delivery"):
 - a 2xx answer with a JSON body ``{"recipients": {"<address>": {"code": 550, ...}}}``
   may decide per recipient (LMTP answers each; SMTP takes the first failure).
 
-The body is spooled while it arrives - in memory up to ``SPOOL_MEMORY`` octets, then in
-an anonymous temporary file - and streamed from there with a Content-Length, so a large
+The body is spooled while it arrives (``maitred_tx.delivery.spooled``: in memory up to
+``SPOOL_MEMORY`` octets, then in an anonymous temporary file) and streamed from there
+with a Content-Length, so a large
 message is never held in memory.  The whole exchange (connect, TLS, upload, answer) is
 bounded by ``timeout``; HTTPS certificates are verified (the platform's trust store, or
 the ``trust_root`` given); redirects are never followed (a POST must not be replayed at
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import IO, Any, Final
 from urllib.parse import urlsplit
 
@@ -45,20 +44,16 @@ from twisted.web.client import (
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
-from zope.interface import implementer
 
 from maitred_tx.delivery.base import Delivery
-from maitred_tx.envelope import Envelope, received_header
-from maitred_tx.interfaces import IMessageSink
+from maitred_tx.delivery.spooled import SPOOL_MEMORY, ForwardingSink
+from maitred_tx.envelope import Envelope
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure
 
 __all__ = ["SPOOL_MEMORY", "HTTPDelivery", "outcome_for_status", "recipient_outcomes"]
 
 _log = Logger()
 
-# Bodies up to this size stay in memory; larger ones go to a temporary file.  The
-# checks' spool (maitred_tx.auth.checks) draws the same line.
-SPOOL_MEMORY: Final = 1024 * 1024
 # Read size of the upload: one TCP send buffer's worth per cooperator step.
 _READ_SIZE: Final = 64 * 1024
 # The most of the webhook's answer body we read (per-recipient JSON for a few thousand
@@ -346,55 +341,22 @@ async def _read_bounded(response: Any, limit: int) -> bytes:
     return await collector.done
 
 
-@dataclass(slots=True)
-class _Spool:
-    """The body so far: SpooledTemporaryFile keeps it in memory up to SPOOL_MEMORY
-    octets and moves it to an anonymous temporary file beyond."""
-
-    file: IO[bytes]
-    size: int = 0
-
-
-@implementer(IMessageSink)
-class _HTTPSink:
+class _HTTPSink(ForwardingSink["Outcome | list[Outcome]"]):
     """Spools the body; at close, POSTs it and answers with the webhook's outcome."""
 
     def __init__(self, envelope: Envelope, owner: HTTPDelivery) -> None:
-        self.envelope = envelope
+        super().__init__(envelope, received=owner.received, max_size=owner.max_size,
+                         label=f"webhook {_safe_url(owner.url)}")
         self._owner = owner
-        self._spool: _Spool | None = _Spool(
-            tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY))  # noqa: SIM115 (closed)
-        self._state = "open"  # -> "closing" -> "closed", or -> "aborted"
-        if owner.received:
-            recipients = envelope.recipients
-            self.write(received_header(
-                envelope, recipients[0].mailbox if len(recipients) == 1 else None))
 
-    def write(self, data: bytes) -> None:
-        spool = self._spool
-        if self._state != "open" or spool is None:
-            return
-        limit = self._owner.max_size
-        if limit is not None and spool.size + len(data) > limit:
-            self._drop()  # refused at close (no spool left); nothing more is kept
-            return
-        spool.file.write(data)
-        spool.size += len(data)
-
-    def close(self) -> Deferred[Outcome | list[Outcome]]:
+    def forward(self, body: IO[bytes] | None) -> Deferred[Outcome | list[Outcome]]:
         """POST the message; fire with its outcome (never with a failure)."""
-        if self._state != "open":
-            raise RuntimeError(f"close() on a sink that is {self._state}")
-        self._state = "closing"
-        owner, spool = self._owner, self._spool
-        if spool is None:
-            outcome: Outcome = PermanentFailure("Message too big for the webhook", 552, "5.3.4")
-            return succeed(self._done(outcome))
-        spool.file.seek(0)
-        d = Deferred.fromCoroutine(owner.post(self.envelope, spool.file))
+        owner = self._owner
+        if body is None:
+            return succeed(PermanentFailure("Message too big for the webhook", 552, "5.3.4"))
+        d = Deferred.fromCoroutine(owner.post(self.envelope, body))
         d.addTimeout(owner.timeout, owner._reactor, onTimeoutCancel=self._timed_out)
-        d.addErrback(self._failed)
-        return d.addCallback(self._done)
+        return d.addErrback(self._failed)
 
     def _timed_out(self, _: object, timeout: float) -> Outcome:
         """The exchange took longer than ``timeout``: it was cancelled (the connection
@@ -410,25 +372,6 @@ class _HTTPSink:
                   error=error)
         return UNAVAILABLE
 
-    def _done(self, outcome: Outcome | list[Outcome]) -> Outcome | list[Outcome]:
-        self._state = "closed"
-        self._drop()
-        _log.info("webhook {url}: {message_id} -> {outcome}", url=_safe_url(self._owner.url),
-                  message_id=self.envelope.message_id, outcome=_summary(outcome))
-        return outcome
-
-    def abort(self) -> None:
-        """Drop the spooled body.  Idempotent; nothing was sent."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        self._drop()
-
-    def _drop(self) -> None:
-        if self._spool is not None:
-            self._spool.file.close()
-            self._spool = None
-
 
 def _describe(failure: Failure) -> str:
     """A short reason for the log: the exception class and message, the first reason
@@ -440,10 +383,3 @@ def _describe(failure: Failure) -> str:
         error = inner.value if isinstance(inner, Failure) else inner
     text = str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text
-
-
-def _summary(outcome: Outcome | Iterable[Outcome]) -> str:
-    outcomes = [outcome] if isinstance(outcome, Accepted | TemporaryFailure
-                                       | PermanentFailure) else list(outcome)
-    return ", ".join("250" if isinstance(o, Accepted) else f"{o.code} {o.status}"
-                     for o in outcomes)

@@ -1,10 +1,11 @@
 """LMTP forwarding delivery: every accepted message goes on to an LMTP server such as
 Dovecot's ``dovecot-lmtpd`` (issue 15).  The contract (README, "LMTP delivery"):
 
-- the body is spooled while it arrives - in memory up to ``SPOOL_MEMORY`` octets, then
-  in an anonymous temporary file - with a ``Received:`` field first (RFC 5321 4.4), and
-  at ``close()`` streamed to the LMTP server by :mod:`maitred_tx.client` (LHLO,
-  PIPELINING and CHUNKING when offered, back-pressure: bounded memory for any size);
+- the body is spooled while it arrives (``maitred_tx.delivery.spooled``: in memory up
+  to ``SPOOL_MEMORY`` octets, then in an anonymous temporary file) with a ``Received:``
+  field first (RFC 5321 4.4), and at ``close()`` streamed to the LMTP server by
+  :mod:`maitred_tx.client` (LHLO, PIPELINING and CHUNKING when offered,
+  back-pressure: bounded memory for any size);
 - one outcome per recipient, in envelope order: the LMTP server's reply for it after
   the body (RFC 2033 4.2), or its refusal of the RCPT, with its code and enhanced
   status code, so a Dovecot "550 5.1.1" reaches our own client as 550 5.1.1.  The
@@ -23,7 +24,6 @@ Dovecot's ``dovecot-lmtpd`` (issue 15).  The contract (README, "LMTP delivery"):
 
 from __future__ import annotations
 
-import tempfile
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any, Final
@@ -32,7 +32,6 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from maitred_tx.client import (
     DSN,
@@ -53,8 +52,8 @@ from maitred_tx.client import (
 from maitred_tx.client.body import BodyScanner, ContentScan
 from maitred_tx.client.timeouts import Phase
 from maitred_tx.delivery.base import Delivery
-from maitred_tx.envelope import Envelope, SessionContext, received_header
-from maitred_tx.interfaces import IMessageSink
+from maitred_tx.delivery.spooled import SPOOL_MEMORY, ForwardingSink, summary
+from maitred_tx.envelope import Envelope, SessionContext
 from maitred_tx.outcomes import Accepted, Outcome, PermanentFailure, TemporaryFailure
 from maitred_tx.smtp.address import Mailbox
 from maitred_tx.smtp.params import MailParams, RcptParams
@@ -67,9 +66,6 @@ __all__ = [
 
 _log = Logger()
 
-# Bodies up to this size stay in memory, larger ones go to a temporary file: the line
-# the webhook delivery and the checks' spool draw too.
-SPOOL_MEMORY: Final = 1024 * 1024
 # Postfix's lmtp_destination_concurrency_limit (default_destination_concurrency_limit
 # = 20); each connection is one dovecot-lmtp process (service lmtp client_limit = 1).
 MAX_CONNECTIONS: Final = 20
@@ -407,7 +403,7 @@ class LMTPDelivery(Delivery):
         outcome = outcome_for_error(error)
         _log.warn("lmtp {endpoint}: {message_id} not delivered: {error} -> {outcome}",
                   endpoint=self._where, message_id=envelope.message_id, error=str(error),
-                  outcome=_summary([outcome]))
+                  outcome=summary(outcome))
         return outcome
 
 
@@ -503,68 +499,27 @@ class _Probe:
         return outcome_for_reply(rcpt)
 
 
-@implementer(IMessageSink)
-class _LMTPSink:
+class _LMTPSink(ForwardingSink[list[Outcome]]):
     """Spools the body (and scans it: what BODY= it needs); forwards it at close."""
 
     def __init__(self, envelope: Envelope, owner: LMTPDelivery) -> None:
-        self.envelope = envelope
-        self._owner = owner
-        self._file: IO[bytes] | None = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=SPOOL_MEMORY)
-        self._size = 0
         self._scanner = BodyScanner()
-        self._state = "open"  # -> "closing" -> "closed", or -> "aborted"
-        if owner.received:
-            recipients = envelope.recipients
-            self.write(received_header(
-                envelope, recipients[0].mailbox if len(recipients) == 1 else None))
+        self._owner = owner
+        super().__init__(envelope, received=owner.received, label=f"lmtp {owner._where}")
 
     def write(self, data: bytes) -> None:
-        if self._state != "open" or self._file is None:
-            return
-        self._file.write(data)
+        super().write(data)
         self._scanner.feed(data)
-        self._size += len(data)
 
-    def close(self) -> Deferred[list[Outcome]]:
+    def forward(self, body: IO[bytes] | None) -> Deferred[list[Outcome]]:
         """Forward the message; fire with one outcome per recipient (never a failure:
         a bug of ours is logged and answered 451 4.3.0)."""
-        if self._state != "open" or self._file is None:
-            raise RuntimeError(f"close() on a sink that is {self._state}")
-        self._state = "closing"
+        assert body is not None  # no max_size: the body is always kept
         d = Deferred.fromCoroutine(self._owner.forward(
-            self.envelope, self._file, self._size, self._scanner.finish()))
-        d.addErrback(self._failed)
-        return d.addCallback(self._done)
+            self.envelope, body, self.size, self._scanner.finish()))
+        return d.addErrback(self._failed)
 
     def _failed(self, failure: Any) -> list[Outcome]:
         _log.failure("lmtp: forwarding {message_id} failed", failure,
                      message_id=self.envelope.message_id)
         return [LOCAL_ERROR] * len(self.envelope.recipients)
-
-    def _done(self, outcomes: list[Outcome]) -> list[Outcome]:
-        self._state = "closed"
-        self._drop()
-        _log.info("lmtp {endpoint}: {message_id} -> {outcomes}",
-                  endpoint=self._owner._where, message_id=self.envelope.message_id,
-                  outcomes=_summary(outcomes))
-        return outcomes
-
-    def abort(self) -> None:
-        """Drop the spooled body.  Idempotent; nothing was sent."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        self._drop()
-
-    def _drop(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def _summary(outcomes: Sequence[Outcome]) -> str:
-    return ", ".join("250" if isinstance(o, Accepted) else f"{o.code} {o.status}"
-                     for o in outcomes)
-
