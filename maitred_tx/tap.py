@@ -4,6 +4,7 @@ twisted/plugins/ only names this module, so plugin scans stay cheap."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import replace
 from functools import partial
@@ -484,6 +485,10 @@ def _supervisor(options: Options, reactor: Any) -> Any:
         # The workers count into files here (prometheus_client's multiprocess mode);
         # this process serves their sum.
         multiproc_dir = _metrics_dir(twistd)
+        # Gone with the process: after shutdown the workers are stopped, and the next
+        # start counts from zero anyway (prometheus_client's multiprocess contract).
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, multiproc_dir,
+                                      ignore_errors=True)
         env[MULTIPROC_ENV] = multiproc_dir
         # This process counts too (the queue it runs), into the same directory: set
         # before prometheus_client is first imported here (metrics_resource, below).

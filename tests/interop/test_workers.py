@@ -178,16 +178,22 @@ def test_worker_options_are_checked(tmp_path, args, message):
     assert message in result.stdout + result.stderr
 
 
-def test_the_supervisor_serves_the_workers_metrics(twistd):
+def test_the_supervisor_serves_the_workers_metrics(twistd, tmp_path: Path):
     """--metrics with --workers: the workers count into one directory, the supervisor
-    serves the sum (scraped with curl); a dead worker's open sessions stop counting."""
+    serves the sum (scraped with curl); a dead worker's open sessions stop counting;
+    the directory is removed when the supervisor stops."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_metrics import curl, parse, value
 
     port = free_port()
+    temp = tmp_path / "temp"
+    temp.mkdir()
     with twistd("--workers", "2", "--delivery", "discard", "--no-auth-checks",
-                "--metrics", f"tcp:{port}:interface={LOCALHOST}") as server:
+                "--metrics", f"tcp:{port}:interface={LOCALHOST}",
+                env={"TMPDIR": str(temp)}) as server:
         workers = ready(server, 2)
+        (directory,) = temp.glob("maitred-metrics-*")
+        assert any(directory.glob("*.db"))  # the workers count there
         assert send(server.port, 4) == [250] * 4
         held = Client(server.port)
         try:
@@ -208,6 +214,7 @@ def test_the_supervisor_serves_the_workers_metrics(twistd):
             assert value(samples, "maitred_messages_total", mode="mx", result="accepted") == 4
         finally:
             held.close()
+    assert not directory.exists()
 
 
 def test_the_supervisors_queue_length_is_served_with_the_workers_metrics(twistd):
