@@ -6,7 +6,7 @@ sessions (RFC 8460 4.4 ``summary``) and the details of failures (4.4
 object of 4.4 for one domain; delivering it (``rua=mailto:`` / ``https:``, 3) and the
 ``_smtp._tls`` record are left to the caller.
 
-Pure: stdlib only; the report period and id are the caller's.
+Pure: stdlib and ``policy`` only; the report period and id are the caller's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
-from maitred_tx.mta_sts.policy import Policy
+from maitred_tx.mta_sts.policy import Policy, StsError, ascii_domain
 
 __all__ = ["FailureDetail", "ResultType", "TlsReport"]
 
@@ -80,7 +80,7 @@ class TlsReport:
         self._sessions: dict[tuple[str, tuple[str, ...] | None], _Sessions] = {}
 
     def _entry(self, domain: str, policy: Policy | None) -> _Sessions:
-        key = (domain.lower().rstrip("."), tuple(policy.lines()) if policy else None)
+        key = (_policy_domain(domain), tuple(policy.lines()) if policy else None)
         entry = self._sessions.get(key)
         if entry is None:
             entry = self._sessions[key] = _Sessions(policy)
@@ -105,8 +105,9 @@ class TlsReport:
     def failures(self, domain: str) -> dict[FailureDetail, int]:
         """All failure details recorded for ``domain``, with their counts."""
         total: Counter[FailureDetail] = Counter()
+        domain = _policy_domain(domain)
         for (name, _), entry in self._sessions.items():
-            if name == domain.lower().rstrip("."):
+            if name == domain:
                 total.update(entry.details)
         return dict(total)
 
@@ -125,7 +126,7 @@ class TlsReport:
         end: datetime,
     ) -> dict[str, object]:
         """The RFC 8460 4.4 report object for ``domain`` (``json.dumps`` it)."""
-        domain = domain.lower().rstrip(".")
+        domain = _policy_domain(domain)
         policies = [
             _policy_json(domain, entry)
             for (name, _), entry in self._sessions.items()
@@ -138,6 +139,15 @@ class TlsReport:
             "report-id": report_id,
             "policies": policies,
         }
+
+
+def _policy_domain(domain: str) -> str:
+    """4.4 "policy-domain": lower-case A-labels ("the Punycode-encoded A-label ... and
+    not the U-label"), whichever form the caller had (U-labels under SMTPUTF8)."""
+    try:
+        return ascii_domain(domain)
+    except StsError:  # not a domain name: kept as given, never a policy of ours
+        return domain.lower().rstrip(".")
 
 
 def _policy_json(domain: str, entry: _Sessions) -> dict[str, object]:

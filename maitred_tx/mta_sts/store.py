@@ -7,7 +7,8 @@ cache), over a ``Resolver`` and a ``PolicyFetcher``.
 2. no usable record (none, two, malformed, DNS failure): the cached policy if one is
    still within its max_age, else None (3.1, 3.3: "if no 'live' policy can be
    discovered ... but a valid (non-expired) policy exists in the sender's cache, the
-   sender MUST apply that cached policy");
+   sender MUST apply that cached policy"); when that cached policy was due for a
+   refresh (step 3), the refresh failed: warned about and counted (3.3, 6, 10.2);
 3. a record whose id is the cached policy's: the cached policy, with no fetch (3.1:
    the id changes when the policy does), unless it is older than ``refresh_after``
    or than half its max_age (3.3: refresh cached policies, "a suggested refresh
@@ -17,7 +18,9 @@ cache), over a ``Resolver`` and a ``PolicyFetcher``.
    implemented MTA-STS"), and do not try that id again for ``retry_after`` seconds.
 
 Concurrent calls for one domain share one discovery.  Fetch failures are logged and
-counted in ``store.report`` (RFC 8460).  Before a message bounces for an ``enforce``
+counted in ``store.report`` (RFC 8460); a failed refresh of a cached policy is a warning
+unless that policy's mode is ``none`` (3.3: a domain withdrawing MTA-STS, 8.3), at most
+once per ``retry_after`` for a domain.  Before a message bounces for an ``enforce``
 policy, call ``policy_for`` again (5.1: check for a new policy first).
 
 Glue: twisted.logger, Deferreds, and the disk write in a thread.
@@ -37,6 +40,7 @@ from maitred_tx.auth.resolver import DNSError, NXDomain, Resolver
 from maitred_tx.mta_sts.cache import CachedPolicy, PolicyCache
 from maitred_tx.mta_sts.fetch import FetchError, PolicyFetcher
 from maitred_tx.mta_sts.policy import (
+    Mode,
     NoStsRecord,
     Policy,
     StsError,
@@ -172,10 +176,12 @@ class PolicyStore:
     async def _discover(self, name: str) -> Policy | None:
         cached = self._cache.get(name)
         fallback = cached.policy if cached is not None else None
-        record = await self._record(name)
-        if record is None:
-            return fallback
+        record, why = await self._record(name)
         now = self._clock()
+        if record is None:
+            if cached is not None and self._stale(cached, now):
+                self._refresh_failed(name, cached, why, now)
+            return fallback
         if cached is not None and cached.policy_id == record.id and not self._stale(cached, now):
             return cached.policy
         failed = self._failed.get(name)
@@ -196,22 +202,22 @@ class PolicyStore:
         )
         return policy
 
-    async def _record(self, name: str) -> StsRecord | None:
-        """The domain's TXT record, None when there is no usable one."""
+    async def _record(self, name: str) -> tuple[StsRecord | None, str]:
+        """The domain's TXT record, or None and why there is no usable one."""
         try:
             texts = await self._resolver.lookup(f"_mta-sts.{name}", "TXT")
         except NXDomain:
-            return None
+            return None, "no _mta-sts TXT record"
         except DNSError as exc:
             _log.info("MTA-STS {domain}: TXT lookup failed: {why}", domain=name, why=exc)
-            return None
+            return None, f"_mta-sts TXT lookup failed: {exc}"
         try:
-            return select_record(text for text in texts if isinstance(text, str))
+            return select_record(text for text in texts if isinstance(text, str)), ""
         except NoStsRecord:
-            return None
+            return None, "no _mta-sts TXT record"
         except StsError as exc:
             _log.warn("MTA-STS {domain}: TXT record ignored: {why}", domain=name, why=exc)
-            return None
+            return None, f"_mta-sts TXT record ignored: {exc}"
 
     def _stale(self, cached: CachedPolicy, now: float) -> bool:
         """Due for a refetch although its id is unchanged: after ``refresh_after``, or
@@ -229,17 +235,44 @@ class PolicyStore:
         exc: FetchError,
         now: float,
     ) -> None:
-        self._failed.pop(name, None)
-        self._failed[name] = (record.id, now)
-        while len(self._failed) > MAX_FAILURES_KEPT:
-            del self._failed[next(iter(self._failed))]
+        self._remember_failure(name, record.id, now)
         policy = cached.policy if cached is not None else None
+        # 6: "HTTPS policy fetch failures when a valid TXT record is present" are
+        # reportable whatever the cached mode; 3.3: no alert over a cached "none".
         self.report.record_failure(name, policy, FailureDetail(exc.result_type, reason=exc.reason))
-        _log.warn(
+        alert = _log.info if policy is not None and policy.mode is Mode.NONE else _log.warn
+        alert(
             "MTA-STS {domain}: policy {id} not fetched ({result}: {why}); {fallback}",
             domain=name, id=record.id, result=exc.result_type.value, why=exc.reason,
             fallback="keeping the cached policy" if cached else "no policy applies",
         )
+
+    def _refresh_failed(self, name: str, cached: CachedPolicy, why: str, now: float) -> None:
+        """A cached policy due for a refresh whose TXT record could not be had: 10.2's
+        blocked discovery, or a domain that removed its record without publishing
+        mode "none" first (8.3).  Warned about and counted (3.3, 6) unless its mode
+        is none, once per ``retry_after``; the cached policy still applies."""
+        if cached.policy.mode is Mode.NONE:
+            return
+        failed = self._failed.get(name)
+        if failed is not None and failed[0] == "" and now - failed[1] < self._retry_after:
+            return
+        self._remember_failure(name, "", now)  # "": no record (ids are never empty)
+        detail = FailureDetail(ResultType.STS_POLICY_FETCH_ERROR, reason=why)
+        self.report.record_failure(name, cached.policy, detail)
+        _log.warn(
+            "MTA-STS {domain}: cached policy {id} not refreshed: {why}; "
+            "kept until it expires in {left:.0f} s",
+            domain=name, id=cached.policy_id, why=why, left=cached.expires_at - now,
+        )
+
+    def _remember_failure(self, name: str, policy_id: str, now: float) -> None:
+        """Note a failure for ``name`` (under the TXT record's ``policy_id``, "" for no
+        record), most recent last, at most MAX_FAILURES_KEPT domains."""
+        self._failed.pop(name, None)
+        self._failed[name] = (policy_id, now)
+        while len(self._failed) > MAX_FAILURES_KEPT:
+            del self._failed[next(iter(self._failed))]
 
     async def _save(self, entry: CachedPolicy) -> None:
         """Write the entry to disk in a thread, one write at a time (in order)."""

@@ -191,3 +191,22 @@ def test_report_times_are_utc() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         report.render("example.com", organization="o", contact="c", report_id="r",
                       start=datetime(2016, 4, 1), end=datetime(2016, 4, 2))
+
+
+def test_rfc8460_4_4_policy_domain_is_the_a_label() -> None:
+    """RFC 8460 4.4: for an IDN, "policy-domain" is "the Punycode-encoded A-label ...
+    and not the U-label".  A sender names the domain as the address has it (U-labels
+    under SMTPUTF8); both spellings are one policy domain."""
+    report = TlsReport()
+    report.record_success("Bücher.Example.", ENFORCE)
+    detail = FailureDetail(ResultType.STARTTLS_NOT_SUPPORTED, mx_host="mx1.example.net")
+    report.record_failure("xn--bcher-kva.example", ENFORCE, detail)
+    assert report.domains() == ["xn--bcher-kva.example"]
+    assert report.failures("bücher.example") == {detail: 1}
+    for name in ("bücher.example", "XN--BCHER-KVA.example."):
+        (entry,) = render(report, name)["policies"]  # type: ignore[misc]
+        assert entry["policy"]["policy-domain"] == "xn--bcher-kva.example"
+        assert entry["summary"] == {
+            "total-successful-session-count": 1,
+            "total-failure-session-count": 1,
+        }

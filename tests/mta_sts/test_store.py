@@ -20,13 +20,14 @@ from dnsmasq_support import Dnsmasq, free_udp_port, run_dnsmasq
 from mta_sts_support import CA, GOOD_POLICY, PolicyServer, make_fetcher, policy_handler
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web import server
 
 from maitred_tx.auth.dns import TwistedResolver
+from maitred_tx.auth.resolver import NXDomain, TemporaryDNSError
 from maitred_tx.mta_sts import PolicyStore, check_mx, filter_mx
-from maitred_tx.mta_sts.fetch import PolicyFetcher
-from maitred_tx.mta_sts.policy import Mode, parse_policy
+from maitred_tx.mta_sts.fetch import FetchError, PolicyFetcher
+from maitred_tx.mta_sts.policy import Mode, Policy, parse_policy
 from maitred_tx.mta_sts.report import FailureDetail, ResultType
 
 GOOD = parse_policy(GOOD_POLICY)
@@ -365,3 +366,106 @@ def test_defaults_platform_trust_and_reactor_clock() -> None:
     assert isinstance(store._fetcher, PolicyFetcher)
     assert store._clock == reactor.seconds  # type: ignore[attr-defined]
     assert store.cached("example.test") is None  # memory only: nothing loaded
+
+
+# ------------------------------------------- failed refreshes (RFC 8461 3.3, 6, 10.2)
+
+ENFORCE_1 = "version: STSv1\nmode: enforce\nmx: mx.r.example.test\nmax_age: 86400\n"
+NONE_1 = "version: STSv1\nmode: none\nmax_age: 86400\n"
+
+
+class _Zone:
+    """``_mta-sts`` TXT records that a test changes as it goes: absent is NXDOMAIN,
+    ``TemporaryDNSError`` a failed lookup."""
+
+    def __init__(self) -> None:
+        self.txt: dict[str, list[str] | Exception] = {}
+
+    async def lookup(self, name: str, rtype: str) -> list[str]:
+        answer = self.txt.get(name, NXDomain(name))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class _Fetcher:
+    """Serves ``policies[domain]`` (text), or fails when there is none."""
+
+    def __init__(self) -> None:
+        self.policies: dict[str, str] = {}
+        self.fetches = 0
+
+    async def fetch(self, domain: str) -> Policy:
+        self.fetches += 1
+        if domain not in self.policies:
+            raise FetchError(domain, "HTTP status 404", ResultType.STS_POLICY_FETCH_ERROR)
+        return parse_policy(self.policies[domain])
+
+
+def _stub_store(clock: task.Clock, **kw: Any) -> tuple[PolicyStore, _Zone, _Fetcher]:
+    zone, fetcher = _Zone(), _Fetcher()
+    return PolicyStore(clock, zone, fetcher, clock=clock.seconds, **kw), zone, fetcher
+
+
+def _warnings(events: list[Any], domain: str) -> list[str]:
+    return [formatEvent(e) for e in events
+            if e["log_level"] is LogLevel.warn and domain in formatEvent(e)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rfc8461_3_3_refresh_failure_of_a_none_policy_is_no_alarm() -> None:
+    """3.3: alert administrators when a refresh fails, "unless the cached policy mode
+    is none" (8.3: how a domain withdraws its policy); the failure is still counted
+    for TLS-RPT, as 6 asks for HTTPS fetch failures under a valid TXT record."""
+    clock = clock_at(1_000_000)
+    store, zone, fetcher = _stub_store(clock)
+    for domain, text in (("e.example.test", ENFORCE_1), ("n.example.test", NONE_1)):
+        zone.txt[f"_mta-sts.{domain}"] = ["v=STSv1; id=one"]
+        fetcher.policies[domain] = text
+        assert await store.policy_for(domain) == parse_policy(text)
+        zone.txt[f"_mta-sts.{domain}"] = ["v=STSv1; id=two"]  # a new policy ...
+        del fetcher.policies[domain]  # ... that cannot be fetched
+    with capturedLogs() as events:
+        assert await store.policy_for("e.example.test") == parse_policy(ENFORCE_1)
+        assert await store.policy_for("n.example.test") == parse_policy(NONE_1)
+    assert len(_warnings(events, "e.example.test")) == 1
+    assert _warnings(events, "n.example.test") == []
+    assert [d.result_type for d in store.report.failures("n.example.test")] == [
+        ResultType.STS_POLICY_FETCH_ERROR
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rfc8461_10_2_refresh_without_a_txt_record_is_alerted_and_reported() -> None:
+    """10.2: an attacker who blocks the TXT record keeps a cached policy from being
+    refreshed until it lapses; 3.3 and 10.2 ask for an alert when a due refresh fails
+    and 6 counts "policy fetch failures of any kind" under a cached policy (not mode
+    none).  The cached policy still applies meanwhile (3.1, 5.1)."""
+    clock = clock_at(1_000_000)
+    store, zone, fetcher = _stub_store(clock, retry_after=300)
+    for domain, text in (("e.example.test", ENFORCE_1), ("n.example.test", NONE_1)):
+        zone.txt[f"_mta-sts.{domain}"] = ["v=STSv1; id=one"]
+        fetcher.policies[domain] = text
+        await store.policy_for(domain)
+    del zone.txt["_mta-sts.e.example.test"]  # NXDOMAIN from now on
+    zone.txt["_mta-sts.n.example.test"] = TemporaryDNSError("SERVFAIL")
+    with capturedLogs() as events:
+        clock.advance(3600)  # not due for a refresh yet: nothing to say
+        assert await store.policy_for("e.example.test") == parse_policy(ENFORCE_1)
+        assert _warnings(events, "e.example.test") == []
+        clock.advance(43200 - 3600)  # half its max_age: due
+        assert await store.policy_for("e.example.test") == parse_policy(ENFORCE_1)
+        assert await store.policy_for("n.example.test") == parse_policy(NONE_1)
+        clock.advance(299)  # once per retry_after, not once per message
+        assert await store.policy_for("e.example.test") == parse_policy(ENFORCE_1)
+    (warning,) = _warnings(events, "e.example.test")
+    assert "not refreshed" in warning and "no _mta-sts TXT record" in warning, warning
+    assert _warnings(events, "n.example.test") == []
+    (detail,) = store.report.failures("e.example.test")
+    assert detail.result_type is ResultType.STS_POLICY_FETCH_ERROR
+    assert store.report.failures("n.example.test") == {}
+    assert fetcher.fetches == 2  # no HTTPS fetch without a record (3.1)
+    zone.txt["_mta-sts.e.example.test"] = ["v=STSv1; id=one"]  # back: refreshed
+    clock.advance(1)
+    assert await store.policy_for("e.example.test") == parse_policy(ENFORCE_1)
+    assert store.cached("e.example.test").fetched_at == clock.seconds()  # type: ignore[union-attr]
