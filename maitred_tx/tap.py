@@ -129,6 +129,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          _positive_int],
         ["max-header", None, _DEFAULTS.max_header_block, "Largest header block in octets.",
          _positive_int],
+        ["max-hops", None, _DEFAULTS.max_hops, "Most Received: header fields a message may "
+                                               "arrive with, against mail loops (554 5.4.6; "
+                                               "0: no limit).", _natural],
         ["max-errors", None, _DEFAULTS.max_errors, "Errors per session before 421 and "
                                                    "close.", _positive_int],
         ["command-timeout", None, _DEFAULTS.command_timeout, "Seconds to wait for a "
@@ -161,6 +164,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay-host", None, None, "--delivery queue: send everything to this smarthost, "
                                    "HOST[:PORT] (its MX) or [HOST][:PORT] (no MX lookup), "
                                    "instead of each domain's MX hosts."],
+        ["relay-tls", None, None, "--relay-host: 'opportunistic' (STARTTLS when offered, "
+                                  "certificate not checked; the default without "
+                                  "--relay-auth), 'verify' (STARTTLS required, certificate "
+                                  "verified for the host's name; the default with "
+                                  "--relay-auth) or 'implicit' (TLS from the first byte, "
+                                  "port 465, verified)."],
+        ["relay-auth", None, None, "--relay-host: a file holding USER:PASSWORD on one line "
+                                   "(mode 600), to AUTH to the smarthost with; needs "
+                                   "--relay-tls verify or implicit."],
+        ["relay-trust-root", None, None, "--relay-host: PEM file of the CA certificates "
+                                         "to verify the smarthost against (default: the "
+                                         "system's)."],
         ["queue-lifetime", None, 5 * 86400.0, "--delivery queue: seconds a message is "
                                               "retried before it bounces.", _seconds],
         ["destination-concurrency", None, 1, "--delivery queue: connections at once to "
@@ -262,13 +277,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 d.startswith("ssl:") for d in self.listener_descriptions()):
             raise usage.UsageError("with --workers, ssl: listeners need --tls-cert "
                                    "(the workers make the TLS context)")
-        if self["relay-host"] is not None:
-            from maitred_tx.relay.route import parse_relay_host
-
-            try:
-                self["relay-host"] = parse_relay_host(self["relay-host"])
-            except ValueError as e:
-                raise usage.UsageError(f"--relay-host: {e}") from None
         if self["inherited-fds"] is not None:
             try:
                 self["inherited-fds"] = [int(f) for f in self["inherited-fds"].split(",")]
@@ -276,6 +284,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError("--inherited-fds: comma-separated numbers") from None
             if len(self["inherited-fds"]) != len(self.listener_descriptions()):
                 raise usage.UsageError("--inherited-fds: one per listener")
+        self["relay-host"] = self.make_relay_host()
 
     def listener_descriptions(self) -> list[str]:
         """Every listener's endpoint description, in the order listeners are made."""
@@ -295,6 +304,53 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except DKIMKeyError as e:
             raise usage.UsageError(f"--dkim-key: {e}") from None
 
+    def make_relay_host(self) -> Any:
+        """The RelayHost of --relay-host, as --relay-tls and --relay-auth say (None
+        without --relay-host).  The password file is read now, at startup, by the
+        process that runs the queue (a --workers worker does not: it only queues)."""
+        given = [f"--{o}" for o in ("relay-tls", "relay-auth", "relay-trust-root")
+                 if self[o] is not None]
+        if self["relay-host"] is None:
+            if given:
+                raise usage.UsageError(f"{given[0]} needs --relay-host")
+            return None
+        from maitred_tx.relay.route import parse_relay_host
+        from maitred_tx.relay.smarthost import RelayTLS, read_credentials
+
+        try:
+            relay = parse_relay_host(self["relay-host"])
+        except ValueError as e:
+            raise usage.UsageError(f"--relay-host: {e}") from None
+        credentials = None
+        if self["relay-auth"] is not None and self["inherited-fds"] is None:
+            try:
+                credentials = read_credentials(self["relay-auth"])
+            except ValueError as e:
+                raise usage.UsageError(f"--relay-auth: {e}") from None
+        try:
+            tls = RelayTLS(self["relay-tls"] or ("verify" if self["relay-auth"]
+                                                 else "opportunistic"))
+        except ValueError:
+            raise usage.UsageError("--relay-tls must be opportunistic, verify or "
+                                   "implicit") from None
+        if tls is RelayTLS.OPPORTUNISTIC and (self["relay-auth"] or self["relay-trust-root"]):
+            option = "--relay-auth" if self["relay-auth"] else "--relay-trust-root"
+            raise usage.UsageError(
+                f"{option} needs --relay-tls verify or implicit: opportunistic TLS "
+                "verifies nothing, and a password must not go to an unverified server "
+                "or in the clear")
+        if self["relay-trust-root"] is not None:
+            self["relay-trust-root"] = os.path.abspath(self["relay-trust-root"])
+            from OpenSSL.crypto import Error as OpenSSLError
+
+            from maitred_tx.client.api import tls_options
+
+            try:  # what each connection will do, done once now: errors show at startup
+                tls_options(relay.name, trust_root=self["relay-trust-root"])
+            except (OSError, ValueError, OpenSSLError) as e:
+                raise usage.UsageError(f"--relay-trust-root: {e}") from None
+        return replace(relay, tls=tls, credentials=credentials)
+
     def make_config(self) -> Config:
         import socket
 
@@ -302,6 +358,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             max_command_line=self["max-command-line"],
             max_text_line=self["max-line"],
             max_header_block=self["max-header"],
+            max_hops=self["max-hops"],
             max_recipients=self["max-recipients"],
             max_message_size=self["max-size"],
             max_errors=self["max-errors"],
@@ -411,12 +468,13 @@ def _queue_runner(options: Options, reactor: Any, queue: Any, metrics: Any = Non
         cache = os.path.join(os.path.abspath(options["spool"]), "mta-sts")
         mta_sts = PolicyStore(reactor, resolver, cache_dir=cache)
     sender = OutboundSender(reactor, resolver, helo=hostname, relay=relay, mta_sts=mta_sts,
-                            signer=options.dkim_signer)
+                            signer=options.dkim_signer, trust_root=options["relay-trust-root"])
     pool = ThreadPool(minthreads=1, maxthreads=2, name="maitred-queue")
     return QueueRunner(reactor, ThreadedQueue(queue.store, reactor, pool), sender,
                        hostname=hostname, metrics=metrics, threadpool=pool,
                        destination_concurrency=options["destination-concurrency"],
-                       policy=RetryPolicy(give_up_after=options["queue-lifetime"]))
+                       policy=RetryPolicy(give_up_after=options["queue-lifetime"]),
+                       refresh=None if mta_sts is None else mta_sts.refresh_cached)
 
 
 def makeService(options: Options) -> Any:

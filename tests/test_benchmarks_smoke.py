@@ -3,6 +3,7 @@ and fails if any transaction did not get its 250.  No timing is asserted."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ def quick(script: str, timeout: float) -> str:
 
 def test_benchmarks_quick() -> None:
     pytest.importorskip("aiosmtpd")
+    if shutil.which("dnsmasq") is None and not Path("/usr/sbin/dnsmasq").exists():
+        # the maitred-auth/-checks rows serve their SPF/DKIM/DMARC records from dnsmasq
+        pytest.skip("dnsmasq is not installed (Debian dnsmasq-base)")
     assert "maitred" in quick("run.py", timeout=300)
 
 

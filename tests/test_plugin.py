@@ -44,6 +44,7 @@ OPTIONS = [
     "--max-line",
     "--max-command-line",
     "--max-header",
+    "--max-hops",
     "--max-errors",
     "--command-timeout",
     "--data-timeout",

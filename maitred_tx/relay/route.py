@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from maitred_tx.auth.resolver import MX, NXDomain, Resolver, TemporaryDNSError
+from maitred_tx.relay.smarthost import RelayCredentials, RelayTLS
 from maitred_tx.smtp.address import AddressError, normalize_domain
 
 __all__ = [
@@ -71,11 +72,22 @@ class Host:
 @dataclass(frozen=True, slots=True)
 class RelayHost:
     """``--relay-host``: a smarthost.  ``mx``: look up the MX of ``name`` (written
-    without brackets) rather than connect to it directly."""
+    without brackets) rather than connect to it directly.  ``tls``: how its connection
+    is protected; ``credentials``: AUTH with these (``--relay-tls``, ``--relay-auth``;
+    see ``maitred_tx.relay.smarthost``)."""
 
     name: str
     port: int = SMTP_PORT
     mx: bool = False
+    tls: RelayTLS = RelayTLS.OPPORTUNISTIC
+    credentials: RelayCredentials | None = None
+
+    def __post_init__(self) -> None:
+        if self.credentials is not None and self.tls is RelayTLS.OPPORTUNISTIC:
+            # RFC 4954 4 / RFC 8314: a password only over TLS, and only to the host
+            # whose certificate proves it is the one we mean.
+            raise ValueError("credentials need verified TLS (RelayTLS.VERIFY or "
+                             "IMPLICIT), not opportunistic STARTTLS")
 
 
 def parse_relay_host(text: str) -> RelayHost:

@@ -21,14 +21,16 @@ again - never a loop that repeats the error, or the message, as fast as it can.
 When runs happen: at start; when a message is queued (``notify`` starts it at once);
 when the earliest retry is due (while deliveries are under way, at most every ``poll``
 seconds); when an operator asks (``maitred-queue flush`` leaves a trigger file,
-looked at every ``poll`` seconds), and at least every ``scan`` seconds.
+looked at every ``poll`` seconds), and at least every ``scan`` seconds.  Given a
+``refresh`` (the MTA-STS store's ``refresh_cached``), the runner also calls it every
+``refresh_every`` seconds.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from twisted.application.service import Service
@@ -70,6 +72,10 @@ BATCH: Final = 500
 POLL: Final = 1.0
 # A run at least this often, whatever the schedule says (a clock step, a lost wake-up).
 SCAN: Final = 60.0
+# How often ``refresh`` (the MTA-STS policies' proactive refresh, RFC 8461 3.3) runs:
+# each cached policy is refetched when a day or half its max_age has passed, so an
+# hourly look keeps policies current even for domains no mail goes to for a while.
+REFRESH_EVERY: Final = 3600.0
 
 
 class QueueRunner(Service):
@@ -92,6 +98,8 @@ class QueueRunner(Service):
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
         threadpool: Any = None,
+        refresh: Callable[[], Awaitable[object]] | None = None,
+        refresh_every: float = REFRESH_EVERY,
     ) -> None:
         self.reactor = reactor
         self.queue = queue
@@ -125,6 +133,9 @@ class QueueRunner(Service):
         # recording a delivery never waits behind the commits of incoming mail in the
         # reactor's pool: that wait is the window in which a crash repeats a delivery.
         self.threadpool = threadpool
+        self._refresh = refresh
+        self._refresh_every = refresh_every
+        self._refresher: LoopingCall | None = None
 
     # --- service -----------------------------------------------------------------------
 
@@ -136,12 +147,17 @@ class QueueRunner(Service):
         self._poller.clock = self.reactor
         self._poller.start(self.poll, now=False).addErrback(
             lambda f: _log.failure("queue poller stopped", f))
+        if self._refresh is not None:
+            self._refresher = LoopingCall(lambda: defer.ensureDeferred(self._refreshing()))
+            self._refresher.clock = self.reactor
+            self._refresher.start(self._refresh_every, now=False)
         self.kick()
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
+        for loop in (self._poller, self._refresher):
+            if loop is not None and loop.running:
+                loop.stop()
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self.sender.connections.close()
@@ -153,6 +169,14 @@ class QueueRunner(Service):
             return None
         return defer.DeferredList(pending, consumeErrors=True).addBoth(
             lambda _: self._stop_threads())
+
+    async def _refreshing(self) -> None:
+        """One ``refresh``; an error is logged and the next one runs as planned."""
+        assert self._refresh is not None
+        try:
+            await self._refresh()
+        except Exception:
+            _log.failure("queue: the periodic refresh failed")
 
     def _stop_threads(self) -> None:
         if self.threadpool is not None and self.threadpool.started:

@@ -10,8 +10,13 @@ How TLS is chosen per host:
   name (RFC 8461 4.2); if none can be used the recipients stay queued (4.7.5);
 - ``testing``: the same checks, but a failure is only reported (RFC 8461 5, TLS-RPT)
   and the message goes over an unverified or cleartext connection;
-- no policy (or ``none``), and smarthosts: opportunistic STARTTLS, unverified, as
-  Postfix's ``smtp_tls_security_level = may``.
+- no policy (or ``none``): opportunistic STARTTLS, unverified, as Postfix's
+  ``smtp_tls_security_level = may``;
+- a smarthost: as its ``RelayHost.tls`` says (``maitred_tx.relay.smarthost``);
+  with credentials, always verified TLS, then AUTH (RFC 4954) once per connection.
+  AUTH refused (535, 454) or not offered, or TLS failing, defers the recipients
+  (4.7.x; Postfix's ``smtp_sasl_auth_soft_bounce``): a password changed at the
+  provider should not bounce a day's mail.
 
 Hosts are tried in order until one takes the transaction: a host that cannot be
 reached, greets with 4xx/5xx, or fails TLS where TLS is required, is skipped; once a
@@ -31,6 +36,9 @@ from twisted.logger import Logger
 from maitred_tx.auth.resolver import Resolver
 from maitred_tx.client import (
     DSN,
+    AuthenticationFailed,
+    AuthenticationUnavailable,
+    CleartextAuthRefused,
     ConnectionLost,
     Recipient,
     SendResult,
@@ -48,6 +56,7 @@ from maitred_tx.mta_sts.report import ResultType
 from maitred_tx.queue.store import AttemptResult, QueuedMessage, QueuedRecipient, QueueReply
 from maitred_tx.queue.store import RecipientState as S
 from maitred_tx.relay.route import Host, RelayHost, RouteError, addresses, route
+from maitred_tx.relay.smarthost import RelayCredentials, RelayTLS
 
 __all__ = ["ConnectionCache", "OutboundSender", "destination_of"]
 
@@ -62,6 +71,14 @@ CONNECT_TIMEOUT: Final = 30.0
 # At most this many addresses of one host are tried (Postfix: smtp_mx_address_limit 5
 # over all hosts).
 MAX_ADDRESSES: Final = 2
+# --relay-tls as the client's TLS mode and whether the certificate is verified.
+_RELAY_TLS: Final = {
+    RelayTLS.OPPORTUNISTIC: (TLSMode.OPPORTUNISTIC, False),
+    RelayTLS.VERIFY: (TLSMode.REQUIRED, True),
+    RelayTLS.IMPLICIT: (TLSMode.IMPLICIT, True),
+}
+_AUTH_ERRORS: Final = (AuthenticationFailed, AuthenticationUnavailable, CleartextAuthRefused)
+_TLS_ERRORS: Final = (TLSUnavailable, TLSVerificationFailed)
 
 
 def destination_of(address: str, relay: RelayHost | None) -> str:
@@ -75,6 +92,8 @@ class PolicySource(Protocol):
     """What the sender needs of ``maitred_tx.mta_sts.PolicyStore``."""
 
     async def policy_for(self, domain: str) -> Policy | None: ...
+
+    def report_success(self, domain: str) -> None: ...
 
     def report_failure(self, domain: str, mx_host: str, result_type: ResultType, *,
                        reason: str = "", sending_ip: str | None = None,
@@ -149,13 +168,24 @@ def _background(coroutine: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """How to talk to one host: TLS mode, whether its certificate is checked, and what
-    to do when TLS fails (``fallback``: testing mode, report and go on without)."""
+    """How to talk to one host: TLS mode, whether its certificate is checked, what
+    to do when TLS fails (``fallback``: testing mode, report and go on without),
+    whether a verified session here meets an MTA-STS policy (``listed``: counted as a
+    success in the TLS report), and the ``credentials`` to AUTH with (a smarthost with
+    ``--relay-auth``)."""
 
     host: Host
     tls: TLSMode
     verify: bool
     fallback: bool = False
+    credentials: RelayCredentials | None = None
+    listed: bool = False
+
+    def key(self, ip: str) -> tuple[Any, ...]:
+        """Its connections' key in the ConnectionCache: one made (and authenticated)
+        for other settings is never reused for these."""
+        user = None if self.credentials is None else self.credentials.username
+        return (ip, self.host.port, self.tls, self.verify, self.host.name, user)
 
 
 class OutboundSender:
@@ -239,7 +269,8 @@ class OutboundSender:
         if relay is not None:
             hosts = (await route(self.resolver, relay.name, port=relay.port) if relay.mx
                      else [Host(relay.name, None, relay.port)])
-            return [_Plan(h, TLSMode.OPPORTUNISTIC, verify=False) for h in hosts]
+            tls, verify = _RELAY_TLS[relay.tls]
+            return [_Plan(h, tls, verify, credentials=relay.credentials) for h in hosts]
         domain = destination
         mta_sts = self.mta_sts
         policy = None if mta_sts is None else await mta_sts.policy_for(domain)
@@ -255,12 +286,13 @@ class OutboundSender:
             if not allowed:
                 raise RouteError(f"{domain}: no MX host matches its MTA-STS policy",
                                  permanent=False, code=451, status="4.7.5")
-            return [_Plan(h, TLSMode.REQUIRED, verify=True) for h in allowed]
+            return [_Plan(h, TLSMode.REQUIRED, verify=True, listed=True) for h in allowed]
         plans = []
         for host in hosts:  # testing: every host, TLS checked, failures only reported
             verdict = check_mx(policy, host.name)
             plans.append(_Plan(host, TLSMode.REQUIRED, verify=True,
-                               fallback=not verdict.tls_required))
+                               fallback=not verdict.tls_required,
+                               listed=verdict.failure is None))
         return plans
 
     # --- one host ----------------------------------------------------------------------
@@ -280,7 +312,7 @@ class OutboundSender:
                 self.mta_sts.report_failure(destination, plan.host.name, kind,
                                             reason=str(e), receiving_ip=ip)
             if not plan.fallback:
-                return f"{plan.host.name}[{ip}]: {e}", "4.7.5"
+                return self._not_connected(plan, ip, e)
             _log.info("{host}: {error}; MTA-STS testing: delivering without verified TLS",
                       host=plan.host.name, error=str(e))
             plan = _Plan(plan.host, TLSMode.OPPORTUNISTIC, verify=False)
@@ -289,8 +321,12 @@ class OutboundSender:
             except SMTPClientError as e2:
                 return f"{plan.host.name}[{ip}]: {e2}", _status_of_error(e2)
         except SMTPClientError as e:
-            return f"{plan.host.name}[{ip}]: {e}", _status_of_error(e)
-        key = (ip, plan.host.port, plan.tls, plan.verify, plan.host.name)
+            return self._not_connected(plan, ip, e)
+        if not reused and plan.listed and self.mta_sts is not None:
+            # RFC 8460 4.4 counts sessions: a new one that met the policy (a listed MX,
+            # verified TLS); an unlisted MX in testing mode was counted as a failure
+            self.mta_sts.report_success(destination)
+        key = plan.key(ip)
         outcome = await self._send(client, message, recipients, open_body, prefix)
         if reused and _stale(outcome):
             # The server closed the idle connection as we took it: once more, anew.
@@ -298,7 +334,7 @@ class OutboundSender:
             try:
                 client, _ = await self._connect(plan, ip, fresh=True)
             except SMTPClientError as e:
-                return f"{plan.host.name}[{ip}]: {e}", _status_of_error(e)
+                return self._not_connected(plan, ip, e)
             outcome = await self._send(client, message, recipients, open_body, prefix)
         if outcome is None:  # deleted meanwhile: say nothing, the next run skips it
             self.connections.put(key, client)
@@ -312,6 +348,15 @@ class OutboundSender:
                     for r in recipients]
         self.connections.put(key, client)
         return _results(outcome, recipients, plan.host.name, client)
+
+    def _not_connected(self, plan: _Plan, ip: str, e: SMTPClientError) -> tuple[str, str]:
+        """Why *plan*'s host at *ip* could not take the message, and the status.  A
+        smarthost's TLS or AUTH failure is a configuration problem (ours or the
+        provider's) that keeps all mail queued: a warning for the operator."""
+        why = f"{plan.host.name}[{ip}]: {e}"
+        if self.relay is not None and isinstance(e, _AUTH_ERRORS + _TLS_ERRORS):
+            _log.warn("smarthost {why}: recipients deferred", why=why)
+        return why, "4.7.5" if isinstance(e, _TLS_ERRORS) else _status_of_error(e)
 
     async def _send(
         self, client: SMTPClient, message: QueuedMessage,
@@ -345,16 +390,25 @@ class OutboundSender:
                        ) -> tuple[SMTPClient, bool]:
         """A connection to *ip* as *plan* says, and whether it was reused: an idle one
         from the cache unless *fresh*."""
-        key = (ip, plan.host.port, plan.tls, plan.verify, plan.host.name)
-        client = None if fresh else self.connections.take(key)
+        client = None if fresh else self.connections.take(plan.key(ip))
         if client is not None:
-            return client, True
+            return client, True  # authenticated already, if it had to be
         endpoint = (f"tcp:{_endpoint_host(ip)}:{plan.host.port}"
                     f":timeout={self.connect_timeout:g}")
         client = await SMTPClient.connect(
             self.reactor, endpoint, helo=self.helo, tls=plan.tls,
             tls_hostname=plan.host.name, trust_root=self.trust_root,
             verify_certificate=plan.verify, timeouts=self.timeouts)
+        credentials = plan.credentials
+        if credentials is not None:  # once per session (RFC 4954 4), after TLS
+            try:
+                await client.authenticate(credentials.username, credentials.password)
+            except SMTPClientError:
+                _background(client.quit())  # the session is sound; it is just of no use
+                raise
+            except BaseException:
+                client.abort()
+                raise
         return client, False
 
     async def _signature(self, message: QueuedMessage, open_body: Callable[[], Any]) -> bytes:
@@ -447,6 +501,11 @@ def _stale(outcome: SendResult | SMTPClientError | None) -> bool:
 
 
 def _status_of_error(e: SMTPClientError) -> str:
+    if isinstance(e, _AUTH_ERRORS):
+        # Deferred whatever the code (Postfix's smtp_sasl_auth_soft_bounce): 535 5.7.8
+        # is reported as 4.7.8 (RFC 4954 6); 454, or no usable mechanism, as 4.7.0.
+        code, status = (0, None) if e.reply is None else (e.reply.code, e.reply.status)
+        return "4" + status[1:] if status else "4.7.8" if code == 535 else "4.7.0"
     reply = getattr(e, "reply", None)
     if reply is not None and getattr(reply, "status", None):
         return str(reply.status)

@@ -9,8 +9,10 @@ DATA (4.1.1.4); a bare CR or LF never does, whatever the bare-line-ending policy
 which closes the SMTP smuggling family (CVE-2023-51764 and kin).
 
 ``ContentChecker`` enforces the content limits on the content as stored (bare line
-endings, text line length, header block size) with whole-buffer operations too (for
-DATA one ``splitlines()``, whose line lengths C code sums and compares).  Once
+endings, text line length, header block size, and the hop count: the ``Received:``
+fields of the header block, RFC 5321 6.3) with whole-buffer operations too (for
+DATA one ``splitlines()``, whose line lengths C code sums and compares; for the hop
+count one ``lower().count()`` over the header block only).  Once
 a limit is broken the receivers keep consuming — the end of the message must still be
 found — but pass nothing on, and the session answers with the recorded reply at the end.
 """
@@ -33,13 +35,20 @@ _BREAKS: Final = bytes(1 if b == 13 else 2 if b == 10 else 0 for b in range(256)
 # Well below glibc's mmap threshold (128 KiB), so _check_bare's temporaries are reused.
 _BARE_BLOCK: Final = 32 * 1024
 _EMPTY: Final = b""
+# A Received: field starts a line (RFC 5322 2.2: a folded line starts with WSP, so a
+# continuation never matches); field names are case-insensitive (RFC 5322 1.2.2).
+_RECEIVED: Final = b"\nreceived:"
+# What the header scan keeps of the previous buffer: enough for a _RECEIVED cut
+# anywhere (and for the 4-octet empty line), never a whole _RECEIVED, so that no
+# field is counted twice.
+_HEADER_TAIL: Final = len(_RECEIVED) - 1
 
 
 class ContentChecker:
     """Limits on message content, fed the raw bytes in any chunking.
 
-    Memory stays bounded: it keeps a few counters and at most three bytes of the
-    previous buffer, however long a line or a header block is.
+    Memory stays bounded: it keeps a few counters and at most nine bytes of the
+    previous buffer (_HEADER_TAIL), however long a line or a header block is.
     """
 
     __slots__ = (
@@ -49,9 +58,11 @@ class ContentChecker:
         "_check_lines",
         "_header_len",
         "_header_tail",
+        "_hops",
         "_in_header",
         "_line_len",
         "_max_header",
+        "_max_hops",
         "_max_line",
         "_prev_cr",
         "error",
@@ -75,6 +86,7 @@ class ContentChecker:
         # blocks need a closer look.
         self._block = max(1, (self._max_line + 1) // 2)
         self._max_header = limits.max_header_block
+        self._max_hops = limits.max_hops  # 0: not counted at all
         self.error: Reply | None = None
         self.reset()
 
@@ -86,6 +98,7 @@ class ContentChecker:
         self._in_header = True
         self._header_len = 0
         self._header_tail = b"\r\n"  # the header block may be empty: body starts CRLF
+        self._hops = 0  # Received: fields of the header block so far
         self.error = None
 
     def feed(self, data: bytes) -> Reply | None:
@@ -151,10 +164,22 @@ class ContentChecker:
         self._line_len = last - pending
 
     def finish(self) -> Reply | None:
-        """The content is complete: a CR left dangling at the very end is bare too."""
-        if self.error is None and self._bare and self._prev_cr:
-            self.error = R.R550_BARE_LINE_ENDING
+        """The content is complete: a CR left dangling at the very end is bare too, and
+        a message without an empty line is all header block (RFC 5322 2.1): its hop
+        count is final only now."""
+        if self.error is None:
+            if self._bare and self._prev_cr:
+                self.error = R.R550_BARE_LINE_ENDING
+            elif self._in_header:
+                self._check_hops()
         return self.error
+
+    def _check_hops(self) -> None:
+        # RFC 5321 6.3: a message that has been through more relays than this is looping.
+        if self._max_hops and self._hops > self._max_hops:
+            self.error = R.R554_TOO_MANY_HOPS.format(
+                count=str(self._hops), limit=str(self._max_hops)
+            )
 
     def _check_header(self, data: bytes) -> None:
         # RFC 5322 2.1: the header block ends at the first empty line.
@@ -170,13 +195,17 @@ class ContentChecker:
                 at = probe.find(empty)
                 if at >= 0 and (end < 0 or at + 1 < stop):
                     end, stop = at, at + 1
+        if self._max_hops:  # the header lines of this piece, with the tail before them
+            self._hops += (probe[:stop] if end >= 0 else probe).lower().count(_RECEIVED)
         if end >= 0:
             self._in_header = False
             if stop - len(self._header_tail) > room:
                 self.error = R.R552_HEADER_TOO_BIG
+            else:
+                self._check_hops()
             return
         self._header_len += len(data)
-        self._header_tail = probe[-3:]
+        self._header_tail = probe[-_HEADER_TAIL:]
         # A CR after the last line end may begin the empty line, which is not in the block.
         over = self._header_len - self._max_header
         pending = probe.endswith(b"\n\r" if self._binary else b"\r\n\r")

@@ -112,6 +112,14 @@ class Limits:
     # *_rate_limit; off there by default, off here too); 0 means no limit.
     max_client_connection_rate: int = 0
     max_client_message_rate: int = 0
+    # Loop detection (RFC 5321 6.3): more Received: fields than this in the header block
+    # the client sent is refused with 554 5.4.6 after the body; 0 means no limit.  6.3:
+    # "SMTP servers using this technique SHOULD use a large rejection threshold,
+    # normally at least 100 Received entries."  Postfix's hopcount_limit is 50 (its own
+    # Received: counted, and refused at 50), Exim's received_headers_max 30, sendmail's
+    # MaxHopCount 25, qmail's 100: we follow the RFC's SHOULD (as qmail does), counting
+    # only the client's fields; a loop still ends after 100 passes, within seconds.
+    max_hops: int = 100
 
     def __post_init__(self) -> None:
         if self.max_recipients < 100:
@@ -123,6 +131,8 @@ class Limits:
         for name in ("max_header_block", "max_message_size", "max_errors", "max_auth_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_hops < 0:
+            raise ValueError("max_hops must not be negative (0: no limit)")
         for name in ("command_timeout", "data_timeout", "session_deadline"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -162,6 +162,11 @@ R553_NEEDS_SMTPUTF8: Final = _r(
 )
 R554_NO_VALID_RCPTS: Final = _r(554, "5.5.1", "No valid recipients")
 R554_LINE_TOO_LONG: Final = _r(554, "5.6.0", "Message contains a line longer than {limit} octets")
+# Loop detection (RFC 5321 6.3, Limits.max_hops): Postfix's words ("too many hops"), with
+# RFC 3463 3.5's X.4.6 "Routing loop detected" where Postfix sends 5.4.0.
+R554_TOO_MANY_HOPS: Final = _r(
+    554, "5.4.6", "Too many hops ({count} Received: header fields, limit {limit})"
+)
 R554_TRANSACTION_FAILED: Final = _r(554, "5.0.0", "Transaction failed")
 R221_HTTP: Final = _r(221, "2.7.0", "Not an HTTP server, goodbye")
 

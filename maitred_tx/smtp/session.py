@@ -434,8 +434,14 @@ class ServerSession(StartTlsVerb, AuthVerb, XClientVerb):
         txn = self.transaction
         assert txn is not None
         if error is not None:
+            # LMTP answers the end of the body once per accepted recipient (RFC 2033
+            # 4.2), a refusal too; a BDAT chunk before LAST gets one reply (RFC 3030 2).
+            bdat = self._bdat
+            whole = self.info.lmtp and (bdat is None or bdat.last)
             self._end_transaction(error)
-            self._error(error)
+            for _ in range(len(txn.recipients) - 1 if whole else 0):
+                self._send(error)
+            self._error(error)  # one peer error, however many replies
             return
         self._wait(self._bdat or Data(), MessageComplete(txn))
 

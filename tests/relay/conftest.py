@@ -31,7 +31,7 @@ from maitred_tx.queue.threaded import ThreadedQueue  # noqa: E402
 from maitred_tx.relay.runner import QueueRunner  # noqa: E402
 from maitred_tx.relay.sender import ConnectionCache, OutboundSender  # noqa: E402
 from maitred_tx.service import SMTPService  # noqa: E402
-from maitred_tx.smtp.config import AuthChecks, Config  # noqa: E402
+from maitred_tx.smtp.config import AuthChecks, Config, Mode  # noqa: E402
 
 # Every MX name below resolves to 127.0.0.1 but mx1.down.test (127.0.0.2, where nothing
 # listens: connection refused).  The receiver's certificate is for the "good" names.
@@ -88,26 +88,31 @@ class Receiver:
 @pytest.fixture
 def receiver(ca: CA, tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     """``receiver(tls=True)``: an MX on 127.0.0.1 accepting mail for every domain, with
-    STARTTLS under a certificate for CERT_NAMES from the test CA."""
+    STARTTLS under a certificate for CERT_NAMES from the test CA (or from *issuer*).
+    With a *portal*: a submission server (AUTH, then MAIL); *implicit*: TLS from the
+    first byte (an ssl: listener) rather than STARTTLS."""
     from maitred_interop import free_port
 
     from maitred_tx.server.tls import server_context
 
     started: list[Receiver] = []
 
-    def start(*, tls: bool = True, delivery: Any = None) -> Receiver:
+    def start(*, tls: bool = True, delivery: Any = None, portal: Any = None,
+              implicit: bool = False, issuer: CA | None = None) -> Receiver:
         context = None
         if tls:
-            certificate = ca.issue(list(CERT_NAMES))
+            certificate = (issuer or ca).issue(list(CERT_NAMES))
             pem = tmp_path / f"mx{len(started)}.pem"
             pem.write_bytes(certificate.dumpPEM())
             context = server_context(pem)
         config = Config(hostname="mx.good.test", relay=True,
+                        mode=Mode.MX if portal is None else Mode.SUBMISSION,
                         auth_checks=AuthChecks(enabled=False))
         delivery = delivery or MemoryDelivery()
-        service = SMTPService(reactor, config, delivery, (), tls=context)
+        service = SMTPService(reactor, config, delivery, (), tls=context, portal=portal)
         port = free_port()
-        factory = service.listen(f"tcp:{port}:interface=127.0.0.1", config)
+        kind = "ssl" if implicit else "tcp"
+        factory = service.listen(f"{kind}:{port}:interface=127.0.0.1", config)
         service.startService()
         running = Receiver(service, delivery, port)
         original = factory.buildProtocol

@@ -189,6 +189,19 @@ async def test_mta_sts_enforce_delivers_over_verified_tls(receiver, relay, polic
     await until(lambda: mx.messages, what="delivery")
     assert mx.messages[0].envelope.session.tls
     assert policies.requests["mta-sts.sts.test"] == 1
+    assert _sessions(r, "sts.test") == (1, 0)  # RFC 8460: the session counted
+
+
+def _sessions(r, domain: str) -> tuple[int, int]:
+    """The TLS report's successful and failed session counts for *domain*."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    rendered = r.mta_sts.report.render(domain, organization="o", contact="c",
+                                       report_id="r", start=now, end=now)
+    summaries = [p["summary"] for p in rendered["policies"]]
+    return (sum(s["total-successful-session-count"] for s in summaries),
+            sum(s["total-failure-session-count"] for s in summaries))
 
 
 @pytest_twisted.ensureDeferred
@@ -220,6 +233,7 @@ async def test_mta_sts_testing_reports_but_delivers(receiver, relay, policies):
     await until(lambda: mx.messages, what="delivery")
     kinds = {f.result_type for f in r.mta_sts.report.failures("testing.test")}
     assert ResultType.VALIDATION_FAILURE in kinds
+    assert _sessions(r, "testing.test")[0] == 0  # delivered, but not over verified TLS
 
 
 @pytest_twisted.ensureDeferred
@@ -499,3 +513,27 @@ async def test_send_to_domains_without_a_queue(receiver, policies, dns, ca):
     [got] = mx.messages
     assert got.body == MESSAGE and got.envelope.session.tls
     assert [str(x.mailbox) for x in got.envelope.recipients] == ["bob@sts.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_refresh_runs_on_its_period_and_survives_an_error(receiver, relay):
+    """tap passes the MTA-STS store's refresh_cached (RFC 8461 3.3: refresh policies
+    proactively): it runs every refresh_every seconds; one that raises is logged and
+    the next one still runs.  Stopping the runner stops it."""
+    calls: list[float] = []
+
+    async def refresh() -> None:
+        calls.append(reactor.seconds())
+        if len(calls) == 1:
+            raise OSError("the policy cache's disk is full")
+
+    mx = receiver(tls=False)
+    r = relay(port=mx.port, refresh=refresh, refresh_every=0.05)
+    await until(lambda: len(calls) >= 3, what="three refreshes")
+    assert calls[1] - calls[0] >= 0.04  # on its period, not in a loop after the error
+    stopped = r.runner.stopService()
+    if stopped is not None:
+        await stopped
+    count = len(calls)
+    await deferLater(reactor, 0.2, lambda: None)
+    assert len(calls) == count
