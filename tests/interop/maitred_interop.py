@@ -276,3 +276,16 @@ def split_trace(stored: bytes) -> tuple[list[bytes], bytes]:
         fields.append(stored[pos:end])
         pos = end + 2
     return fields, stored[pos:]
+
+
+async def until(condition: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait, without blocking the reactor, until *condition()* holds; fail after
+    *timeout* seconds naming *what*."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest_twisted
+from maitred_interop import until
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import deferLater
@@ -22,14 +23,6 @@ from maitred_tx.queue.store import RecipientState
 from maitred_tx.relay.route import RelayHost
 
 MESSAGE = b"From: alice@sender.test\r\nTo: bob@good.test\r\nSubject: relayed\r\n\r\nHello.\r\n"
-
-
-async def until(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 def states(relay, message_id: str) -> dict[str, RecipientState]:

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from maitred_interop import until
 from mta_sts_support import CA
 from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
@@ -68,14 +68,6 @@ def smarthost(port: int, *, name: str = "mx.good.test", tls: RelayTLS = RelayTLS
               password: str = PASSWORD) -> RelayHost:
     """[name]:port (name resolves to 127.0.0.1 through the test DNS) with credentials."""
     return RelayHost(name, port, tls=tls, credentials=RelayCredentials(USER, password))
-
-
-async def until(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def deferred_recipient(r, address: str = "bob@good.test") -> Any:
