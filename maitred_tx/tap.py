@@ -28,6 +28,7 @@ from maitred_tx.metrics import (
     prepare_multiproc_dir,
     worker_exited,
 )
+from maitred_tx.relay.options import queue_delivery, queue_runner, relay_host
 from maitred_tx.server.tls import server_context
 from maitred_tx.service import DEFAULT_DNS_TIMEOUT, DEFAULT_LISTEN, SMTPService
 from maitred_tx.smtp.config import (
@@ -284,7 +285,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError("--inherited-fds: comma-separated numbers") from None
             if len(self["inherited-fds"]) != len(self.listener_descriptions()):
                 raise usage.UsageError("--inherited-fds: one per listener")
-        self["relay-host"] = self.make_relay_host()
+        self["relay-host"] = relay_host(self)
 
     def listener_descriptions(self) -> list[str]:
         """Every listener's endpoint description, in the order listeners are made."""
@@ -303,53 +304,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             return Signer(self["dkim-key"], sign_all=self["dkim-sign-all"])
         except DKIMKeyError as e:
             raise usage.UsageError(f"--dkim-key: {e}") from None
-
-    def make_relay_host(self) -> Any:
-        """The RelayHost of --relay-host, as --relay-tls and --relay-auth say (None
-        without --relay-host).  The password file is read now, at startup, by the
-        process that runs the queue (a --workers worker does not: it only queues)."""
-        given = [f"--{o}" for o in ("relay-tls", "relay-auth", "relay-trust-root")
-                 if self[o] is not None]
-        if self["relay-host"] is None:
-            if given:
-                raise usage.UsageError(f"{given[0]} needs --relay-host")
-            return None
-        from maitred_tx.relay.route import parse_relay_host
-        from maitred_tx.relay.smarthost import RelayTLS, read_credentials
-
-        try:
-            relay = parse_relay_host(self["relay-host"])
-        except ValueError as e:
-            raise usage.UsageError(f"--relay-host: {e}") from None
-        credentials = None
-        if self["relay-auth"] is not None and self["inherited-fds"] is None:
-            try:
-                credentials = read_credentials(self["relay-auth"])
-            except ValueError as e:
-                raise usage.UsageError(f"--relay-auth: {e}") from None
-        try:
-            tls = RelayTLS(self["relay-tls"] or ("verify" if self["relay-auth"]
-                                                 else "opportunistic"))
-        except ValueError:
-            raise usage.UsageError("--relay-tls must be opportunistic, verify or "
-                                   "implicit") from None
-        if tls is RelayTLS.OPPORTUNISTIC and (self["relay-auth"] or self["relay-trust-root"]):
-            option = "--relay-auth" if self["relay-auth"] else "--relay-trust-root"
-            raise usage.UsageError(
-                f"{option} needs --relay-tls verify or implicit: opportunistic TLS "
-                "verifies nothing, and a password must not go to an unverified server "
-                "or in the clear")
-        if self["relay-trust-root"] is not None:
-            self["relay-trust-root"] = os.path.abspath(self["relay-trust-root"])
-            from OpenSSL.crypto import Error as OpenSSLError
-
-            from maitred_tx.client.api import tls_options
-
-            try:  # what each connection will do, done once now: errors show at startup
-                tls_options(relay.name, trust_root=self["relay-trust-root"])
-            except (OSError, ValueError, OpenSSLError) as e:
-                raise usage.UsageError(f"--relay-trust-root: {e}") from None
-        return replace(relay, tls=tls, credentials=credentials)
 
     def make_config(self) -> Config:
         import socket
@@ -404,7 +358,7 @@ def load_delivery(options: Options, reactor: Any) -> Any:
         postmaster = (options["domain"] or ["localhost"])[0]
         return MaildirDelivery(root, reactor, postmaster_domain=postmaster)
     if name == "queue":
-        return _queue_delivery(options, reactor)
+        return queue_delivery(options, reactor)
     if name.startswith(("http://", "https://")):
         from maitred_tx.delivery.http import HTTPDelivery
 
@@ -425,56 +379,6 @@ def load_delivery(options: Options, reactor: Any) -> Any:
         obj = obj()  # a zero-argument factory, as `twistd web --wsgi` takes
         delivery_provider(obj)
     return obj
-
-
-def _queue_delivery(options: Options, reactor: Any) -> Any:
-    """The outbound queue in --spool.  The process that owns the spool recovers it
-    (cleans up after a crash, takes its lock); a --workers worker only adds to it."""
-    from maitred_tx.delivery.queue import QueueDelivery
-    from maitred_tx.queue.spool import SpoolLocked, SpoolStore
-    from maitred_tx.queue.threaded import ThreadedQueue, log_recovery
-
-    store = SpoolStore(os.path.abspath(options["spool"]))
-    if options.get("inherited-fds") is None:
-        try:
-            log_recovery(store.root, store.recover())
-        except SpoolLocked as e:
-            raise usage.UsageError(f"--spool: {e}") from None
-    else:
-        store.prepare()
-    delivery = QueueDelivery(ThreadedQueue(store, reactor))
-    if options.get("inherited-fds") is not None:  # the supervisor runs the queue
-        delivery.subscribe(lambda message: store.notify_new())
-    return delivery
-
-
-def _queue_runner(options: Options, reactor: Any, queue: Any, metrics: Any = None) -> Any:
-    """The queue runner of --delivery queue: MX hosts (with MTA-STS) or --relay-host,
-    DKIM signing with --dkim-key, retries for --queue-lifetime."""
-    from twisted.python.threadpool import ThreadPool
-
-    from maitred_tx.auth.dns import TwistedResolver
-    from maitred_tx.mta_sts import PolicyStore
-    from maitred_tx.queue.schedule import RetryPolicy
-    from maitred_tx.queue.threaded import ThreadedQueue
-    from maitred_tx.relay.runner import QueueRunner
-    from maitred_tx.relay.sender import OutboundSender
-
-    hostname = options.config.hostname
-    resolver = TwistedResolver(reactor, options["dns-server"] or None, options["dns-timeout"])
-    relay = options["relay-host"]
-    mta_sts = None
-    if relay is None and not options["no-mta-sts"]:
-        cache = os.path.join(os.path.abspath(options["spool"]), "mta-sts")
-        mta_sts = PolicyStore(reactor, resolver, cache_dir=cache)
-    sender = OutboundSender(reactor, resolver, helo=hostname, relay=relay, mta_sts=mta_sts,
-                            signer=options.dkim_signer, trust_root=options["relay-trust-root"])
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="maitred-queue")
-    return QueueRunner(reactor, ThreadedQueue(queue.store, reactor, pool), sender,
-                       hostname=hostname, metrics=metrics, threadpool=pool,
-                       destination_concurrency=options["destination-concurrency"],
-                       policy=RetryPolicy(give_up_after=options["queue-lifetime"]),
-                       refresh=None if mta_sts is None else mta_sts.refresh_cached)
 
 
 def makeService(options: Options) -> Any:
@@ -519,7 +423,7 @@ def makeService(options: Options) -> Any:
     if options["metrics"] and inherited is None:  # a worker counts; its supervisor serves
         metrics_service(reactor, options["metrics"]).setServiceParent(service)
     if options["delivery"] == "queue" and inherited is None:
-        runner = _queue_runner(options, reactor, delivery.queue,
+        runner = queue_runner(options, reactor, delivery.queue,
                                default_metrics() if options["metrics"] else None)
         delivery.subscribe(runner.notify)
         runner.setServiceParent(service)
@@ -565,9 +469,9 @@ def _supervisor(options: Options, reactor: Any) -> Any:
     if options["delivery"] == "queue":
         # The supervisor owns the spool: it recovers it and runs its queue; the
         # workers add messages and tell it (SpoolStore.notify_new).
-        delivery = _queue_delivery(options, reactor)
+        delivery = queue_delivery(options, reactor)
         metrics = default_metrics() if multiproc_dir is not None else None
-        _queue_runner(options, reactor, delivery.queue, metrics).setServiceParent(pool)
+        queue_runner(options, reactor, delivery.queue, metrics).setServiceParent(pool)
     pool.text_log = text_log
     return pool
 

@@ -16,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "interop"))
 
 from security_support import make_certificate
 
+from maitred_tx.relay.options import queue_delivery, queue_runner
 from maitred_tx.relay.route import RelayHost
 from maitred_tx.relay.smarthost import RelayCredentials, RelayTLS
-from maitred_tx.tap import Options, _queue_delivery, _queue_runner
+from maitred_tx.tap import Options
 
 SECRET = "pa:ss word"
 
@@ -133,9 +134,9 @@ def test_the_queue_runner_sends_with_the_credentials_and_trust_root(secret_file,
     options = parse("--delivery", "queue", "--spool", str(tmp_path / "spool"),
                     "--relay-host", "[127.0.0.1]:587", "--relay-auth", str(secret_file),
                     "--relay-trust-root", str(certs.cert))
-    delivery = _queue_delivery(options, reactor)
+    delivery = queue_delivery(options, reactor)
     try:
-        sender = _queue_runner(options, reactor, delivery.queue).sender
+        sender = queue_runner(options, reactor, delivery.queue).sender
         assert sender.relay == RelayHost("127.0.0.1", 587, tls=RelayTLS.VERIFY,
                                          credentials=RelayCredentials("relay@example.net",
                                                                       SECRET))
