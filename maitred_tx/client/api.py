@@ -152,7 +152,9 @@ class SMTPClient:
         client = cls(protocol, tls_settings=settings, chunking=chunking, chunk_size=chunk_size)
         try:
             await client._open(tls)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, SMTPClientError) and e.local_ip is None:
+                e.local_ip = protocol.local_ip  # e.g. no STARTTLS: a TLS report names it
             client.abort()
             raise
         return client

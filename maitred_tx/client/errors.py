@@ -9,11 +9,15 @@ What the caller did wrong with the API (no recipients, a CR in a custom command)
 
 from __future__ import annotations
 
+import enum
+from typing import Final
+
 from maitred_tx.client.replies import ServerReply
 
 __all__ = [
     "AuthenticationFailed",
     "AuthenticationUnavailable",
+    "CertificateProblem",
     "CleartextAuthRefused",
     "ConnectionLost",
     "ExtensionUnsupported",
@@ -25,14 +29,19 @@ __all__ = [
     "ServerRefused",
     "TLSUnavailable",
     "TLSVerificationFailed",
+    "certificate_problem",
 ]
 
 
 class SMTPClientError(Exception):
     """Base class.  ``permanent``: the same attempt will fail again (bounce rather
-    than retry); ``reply``: what the server answered, if it did; ``host``: the peer."""
+    than retry); ``reply``: what the server answered, if it did; ``host``: the peer.
+    ``local_ip``: our address on the connection it happened on, set by the connection
+    glue when it knows one (None before a connection was made, or over a UNIX socket):
+    a TLS report names the sending MTA's address (RFC 8460 4.4)."""
 
     permanent: bool = False
+    local_ip: str | None = None
 
     def __init__(
         self,
@@ -81,10 +90,65 @@ class TLSUnavailable(SMTPClientError):
     """
 
 
+class CertificateProblem(enum.Enum):
+    """Why a TLS handshake was refused, for code rather than for people.
+
+    The values are RFC 8460 4.3's result type names, the only standard vocabulary for
+    these failures: a TLS report takes them as they are, with no mapping to keep in
+    step.  ``OTHER`` is its general ``validation-failure``: a handshake that failed
+    for another reason (no common protocol version, a revoked certificate, ...).
+    """
+
+    HOST_MISMATCH = "certificate-host-mismatch"  # not valid for the name (RFC 6125)
+    EXPIRED = "certificate-expired"  # expired, or not valid yet
+    NOT_TRUSTED = "certificate-not-trusted"  # unknown issuer, self-signed
+    OTHER = "validation-failure"
+
+
+# OpenSSL's X.509 verify results (X509_V_ERR_*, x509_vfy.h; the same numbers in
+# OpenSSL 1.1 and 3.x) by what they mean for the peer.
+_VERIFY_RESULTS: Final = {
+    9: CertificateProblem.EXPIRED,  # CERT_NOT_YET_VALID
+    10: CertificateProblem.EXPIRED,  # CERT_HAS_EXPIRED
+    2: CertificateProblem.NOT_TRUSTED,  # UNABLE_TO_GET_ISSUER_CERT
+    18: CertificateProblem.NOT_TRUSTED,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: CertificateProblem.NOT_TRUSTED,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: CertificateProblem.NOT_TRUSTED,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: CertificateProblem.NOT_TRUSTED,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    27: CertificateProblem.NOT_TRUSTED,  # CERT_UNTRUSTED
+    28: CertificateProblem.NOT_TRUSTED,  # CERT_REJECTED
+    62: CertificateProblem.HOST_MISMATCH,  # HOSTNAME_MISMATCH
+    64: CertificateProblem.HOST_MISMATCH,  # IP_ADDRESS_MISMATCH
+}
+
+
+def certificate_problem(verify_result: int | None) -> CertificateProblem:
+    """The problem an OpenSSL X.509 verify result (``SSL_get_verify_result``) names;
+    OTHER for any other code, for 0 (X509_V_OK: the handshake failed for another
+    reason) and for None (not known)."""
+    if verify_result is None:
+        return CertificateProblem.OTHER
+    return _VERIFY_RESULTS.get(verify_result, CertificateProblem.OTHER)
+
+
 class TLSVerificationFailed(SMTPClientError):
     """The server's certificate did not verify (unknown CA, expired, or not valid for
-    the host name).  ``host`` is the name it was checked against.  Temporary, like
-    Postfix's "Server certificate not verified"."""
+    the host name), or the TLS handshake failed.  ``host`` is the name it was checked
+    against; ``problem`` says which (a TLS report needs it, RFC 8460 4.3), while the
+    message is for people.  Temporary, like Postfix's "Server certificate not
+    verified"."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reply: ServerReply | None = None,
+        host: str | None = None,
+        permanent: bool | None = None,
+        problem: CertificateProblem = CertificateProblem.OTHER,
+    ) -> None:
+        super().__init__(message, reply=reply, host=host, permanent=permanent)
+        self.problem = problem
 
 
 class AuthenticationUnavailable(SMTPClientError):

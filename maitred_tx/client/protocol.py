@@ -15,7 +15,7 @@ operation, what it answers to the transport, timeouts on the clock.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer
@@ -24,11 +24,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from maitred_tx.client.errors import (
+    CertificateProblem,
     ConnectionLost,
     ProtocolViolation,
     ResponseTimeout,
     SMTPClientError,
     TLSVerificationFailed,
+    certificate_problem,
 )
 from maitred_tx.client.message import InvalidBody
 from maitred_tx.client.replies import ServerReply
@@ -57,6 +59,7 @@ class ClientProtocol(Protocol):
         self.timeouts = timeouts
         self.closed: Deferred[None] = Deferred()  # fires once the connection is gone
         self.lost: SMTPClientError | None = None  # why, once it is gone
+        self.local_ip: str | None = None  # our address, once connected over IP
         self.tls_handshake_pending = False
         self._op: Any = None
         self._done: Deferred[Any] | None = None
@@ -73,6 +76,10 @@ class ClientProtocol(Protocol):
     def connectionMade(self) -> None:
         with contextlib.suppress(AttributeError, OSError):
             self.transport.setTcpNoDelay(True)
+        # Kept now: once the connection is lost its socket cannot be asked.
+        with contextlib.suppress(AttributeError, OSError):
+            host = self.transport.getHost().host
+            self.local_ip = host if isinstance(host, str) else None
 
     def dataReceived(self, data: bytes) -> None:
         self.session.receive_data(data)
@@ -87,7 +94,7 @@ class ClientProtocol(Protocol):
             self._dispatch(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = self._abort_reason or self._lost_error(reason)
+        self.lost = self._addressed(self._abort_reason or self._lost_error(reason))
         self._cancel_timers()
         op, self._op = self._op, None
         done, self._done = self._done, None
@@ -262,7 +269,13 @@ class ClientProtocol(Protocol):
             if error is None:
                 done.callback(op)
             else:
-                done.errback(error)
+                done.errback(self._addressed(error))
+
+    def _addressed(self, error: SMTPClientError) -> SMTPClientError:
+        """*error* with our address on this connection, unless it has one."""
+        if error.local_ip is None:
+            error.local_ip = self.local_ip
+        return error
 
     def _write(self, data: bytes) -> None:
         if data and self.lost is None:
@@ -319,21 +332,63 @@ class ClientProtocol(Protocol):
     def _lost_error(self, reason: Failure) -> SMTPClientError:
         host = self.session.host
         if self.tls_handshake_pending and _is_tls_failure(reason):
-            return TLSVerificationFailed(_tls_failure(host, reason), host=host)
+            problem = _tls_problem(reason, self.transport)
+            return TLSVerificationFailed(_tls_failure(host, reason, problem), host=host,
+                                         problem=problem)
         if self.session.closing:
             return ConnectionLost(f"{host} closed the connection", host=host)
         return ConnectionLost(
             f"connection to {host} lost: {_describe(reason)}", host=host, permanent=False)
 
 
-def _tls_failure(host: str, reason: Failure) -> str:
+# What the certificate problems are called in a message for people.
+_PROBLEM_WORDS: Final = {
+    CertificateProblem.EXPIRED: "has expired (or is not valid yet)",
+    CertificateProblem.NOT_TRUSTED: "is not trusted",
+    CertificateProblem.OTHER: "did not verify",
+}
+
+
+def _tls_failure(host: str, reason: Failure, problem: CertificateProblem) -> str:
     """What went wrong in the handshake, in words that name the host."""
     detail = _describe(reason)
-    if type(reason.value).__name__ == "VerificationError":  # service_identity
+    if problem is CertificateProblem.HOST_MISMATCH:
         return f"TLS with {host}: the server's certificate is not valid for the name {host}"
     if "certificate verify failed" in detail:
-        return f"TLS with {host}: the server's certificate is not trusted ({detail})"
+        return (f"TLS with {host}: the server's certificate {_PROBLEM_WORDS[problem]} "
+                f"({detail})")
     return f"TLS handshake with {host} failed ({detail})"
+
+
+def _tls_problem(reason: Failure, transport: Any) -> CertificateProblem:
+    """Why the handshake failed, as Twisted and OpenSSL report it.  A name that does
+    not match is service_identity's VerificationError (Twisted checks the name in its
+    verify callback); a chain OpenSSL refused is "certificate verify failed", and the
+    X.509 verify result kept on the connection says why (expired, unknown issuer,
+    ...).  Anything else, e.g. no common protocol version, is OTHER."""
+    if type(reason.value).__name__ == "VerificationError":  # service_identity
+        return CertificateProblem.HOST_MISMATCH
+    if "certificate verify failed" not in _describe(reason):
+        return CertificateProblem.OTHER
+    return certificate_problem(_verify_result(transport))
+
+
+def _verify_result(transport: Any) -> int | None:
+    """OpenSSL's ``SSL_get_verify_result`` for the connection's handshake (None if
+    it cannot be had).  The OpenSSL error itself carries only "certificate verify
+    failed".  pyOpenSSL (26) has no public method for it, so its own cffi binding is
+    used, as pyOpenSSL's methods do; a ``get_verify_result`` it may grow is
+    preferred.  tests/client/test_tls_problem.py fails if this stops working."""
+    try:
+        connection = transport.getHandle()  # the OpenSSL.SSL.Connection
+        public = getattr(connection, "get_verify_result", None)
+        if public is not None:
+            return int(public())
+        from OpenSSL._util import lib
+
+        return int(lib.SSL_get_verify_result(connection._ssl))
+    except Exception:  # no TLS connection, or another pyOpenSSL: not known
+        return None
 
 
 def _is_tls_failure(reason: Failure) -> bool:

@@ -307,10 +307,12 @@ class OutboundSender:
             client, reused = await self._connect(plan, ip)
         except (TLSUnavailable, TLSVerificationFailed) as e:
             if self.mta_sts is not None and plan.verify and self.relay is None:
+                # a CertificateProblem's value is its RFC 8460 4.3 result type
                 kind = (ResultType.STARTTLS_NOT_SUPPORTED if isinstance(e, TLSUnavailable)
-                        else ResultType.CERTIFICATE_HOST_MISMATCH)
+                        else ResultType(e.problem.value))
                 self.mta_sts.report_failure(destination, plan.host.name, kind,
-                                            reason=str(e), receiving_ip=ip)
+                                            reason=str(e), sending_ip=e.local_ip,
+                                            receiving_ip=ip)
             if not plan.fallback:
                 return self._not_connected(plan, ip, e)
             _log.info("{host}: {error}; MTA-STS testing: delivering without verified TLS",
