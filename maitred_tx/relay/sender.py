@@ -35,12 +35,6 @@ from twisted.logger import Logger
 
 from maitred_tx.auth.resolver import Resolver
 from maitred_tx.client import (
-    DSN,
-    AuthenticationFailed,
-    AuthenticationUnavailable,
-    CleartextAuthRefused,
-    ConnectionLost,
-    Recipient,
     SendResult,
     SMTPClient,
     SMTPClientError,
@@ -49,23 +43,28 @@ from maitred_tx.client import (
     TLSUnavailable,
     TLSVerificationFailed,
 )
-from maitred_tx.client.transaction import Outcome
 from maitred_tx.mta_sts.enforce import check_mx, filter_mx
 from maitred_tx.mta_sts.policy import Mode, Policy
 from maitred_tx.mta_sts.report import ResultType
-from maitred_tx.queue.store import AttemptResult, QueuedMessage, QueuedRecipient, QueueReply
+from maitred_tx.queue.store import AttemptResult, QueuedMessage, QueuedRecipient
 from maitred_tx.queue.store import RecipientState as S
+from maitred_tx.relay.connections import ConnectionCache, quit_later
+from maitred_tx.relay.results import (
+    AUTH_ERRORS,
+    TLS_ERRORS,
+    attempt_results,
+    dsn_of,
+    recipient_of,
+    stale,
+    status_of_error,
+)
 from maitred_tx.relay.route import Host, RelayHost, RouteError, addresses, route
 from maitred_tx.relay.smarthost import RelayCredentials, RelayTLS
 
-__all__ = ["ConnectionCache", "OutboundSender", "destination_of"]
+__all__ = ["OutboundSender", "destination_of"]
 
 _log = Logger()
 
-# An idle connection is kept this long for the next message to the same place:
-# Postfix's smtp_connection_cache_time_limit is 2 s; a queue run that finds several
-# messages for one domain sends them one after another well within it.
-IDLE_SECONDS: Final = 5.0
 # Seconds to wait for a TCP connection (Postfix's smtp_connect_timeout).
 CONNECT_TIMEOUT: Final = 30.0
 # At most this many addresses of one host are tried (Postfix: smtp_mx_address_limit 5
@@ -77,8 +76,7 @@ _RELAY_TLS: Final = {
     RelayTLS.VERIFY: (TLSMode.REQUIRED, True),
     RelayTLS.IMPLICIT: (TLSMode.IMPLICIT, True),
 }
-_AUTH_ERRORS: Final = (AuthenticationFailed, AuthenticationUnavailable, CleartextAuthRefused)
-_TLS_ERRORS: Final = (TLSUnavailable, TLSVerificationFailed)
+
 
 
 def destination_of(address: str, relay: RelayHost | None) -> str:
@@ -98,72 +96,6 @@ class PolicySource(Protocol):
     def report_failure(self, domain: str, mx_host: str, result_type: ResultType, *,
                        reason: str = "", sending_ip: str | None = None,
                        receiving_ip: str | None = None) -> None: ...
-
-
-@dataclass(slots=True)
-class _Idle:
-    client: SMTPClient
-    timer: Any
-
-
-class ConnectionCache:
-    """Open connections, by (address, port, TLS settings), each kept ``IDLE_SECONDS``
-    after its last message for the next one to the same place; at most ``per_key``
-    idle connections per key (the runner's per-destination concurrency)."""
-
-    def __init__(self, reactor: Any, idle: float = IDLE_SECONDS, per_key: int = 4) -> None:
-        self._reactor = reactor
-        self._idle = idle
-        self._per_key = per_key
-        self._open: dict[tuple[Any, ...], list[_Idle]] = {}
-
-    def take(self, key: tuple[Any, ...]) -> SMTPClient | None:
-        idle_ones = self._open.get(key)
-        while idle_ones:
-            idle = idle_ones.pop()
-            if idle.timer.active():
-                idle.timer.cancel()
-            if idle.client.connected:
-                return idle.client
-        self._open.pop(key, None)
-        return None
-
-    def put(self, key: tuple[Any, ...], client: SMTPClient) -> None:
-        if not client.connected:
-            return
-        idle_ones = self._open.setdefault(key, [])
-        if len(idle_ones) >= self._per_key:  # enough kept for this place already
-            _background(client.quit())
-            return
-        entry = _Idle(client, None)
-        entry.timer = self._reactor.callLater(self._idle, self._expire, key, entry)
-        idle_ones.append(entry)
-
-    def _expire(self, key: tuple[Any, ...], entry: _Idle) -> None:
-        idle_ones = self._open.get(key, [])
-        if entry in idle_ones:
-            idle_ones.remove(entry)
-            if not idle_ones:
-                del self._open[key]
-            _background(entry.client.quit())
-
-    def close(self) -> None:
-        """QUIT every idle connection (at shutdown)."""
-        for idle_ones in self._open.values():
-            for entry in idle_ones:
-                if entry.timer.active():
-                    entry.timer.cancel()
-                _background(entry.client.quit())
-        self._open.clear()
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._open.values())
-
-
-def _background(coroutine: Any) -> None:
-    from twisted.internet.defer import Deferred
-
-    Deferred.fromCoroutine(coroutine).addErrback(lambda f: None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,7 +253,7 @@ class OutboundSender:
             try:
                 client, reused = await self._connect(plan, ip)
             except SMTPClientError as e2:
-                return f"{plan.host.name}[{ip}]: {e2}", _status_of_error(e2)
+                return f"{plan.host.name}[{ip}]: {e2}", status_of_error(e2)
         except SMTPClientError as e:
             return self._not_connected(plan, ip, e)
         if not reused and plan.listed and self.mta_sts is not None:
@@ -330,7 +262,7 @@ class OutboundSender:
             self.mta_sts.report_success(destination)
         key = plan.key(ip)
         outcome = await self._send(client, message, recipients, open_body, prefix)
-        if reused and _stale(outcome):
+        if reused and stale(outcome):
             # The server closed the idle connection as we took it: once more, anew.
             client.abort()
             try:
@@ -344,21 +276,21 @@ class OutboundSender:
         if isinstance(outcome, SMTPClientError):  # refused before MAIL: too big, ...
             client.abort()
             state = S.FAILED if outcome.permanent else S.DEFERRED
-            return [AttemptResult(r.address, state, status=_status_of_error(outcome),
+            return [AttemptResult(r.address, state, status=status_of_error(outcome),
                                   diagnostic=f"{plan.host.name}[{ip}]: {outcome}",
                                   remote_mta=plan.host.name)
                     for r in recipients]
         self.connections.put(key, client)
-        return _results(outcome, recipients, plan.host.name, client)
+        return attempt_results(outcome, recipients, plan.host.name, client)
 
     def _not_connected(self, plan: _Plan, ip: str, e: SMTPClientError) -> tuple[str, str]:
         """Why *plan*'s host at *ip* could not take the message, and the status.  A
         smarthost's TLS or AUTH failure is a configuration problem (ours or the
         provider's) that keeps all mail queued: a warning for the operator."""
         why = f"{plan.host.name}[{ip}]: {e}"
-        if self.relay is not None and isinstance(e, _AUTH_ERRORS + _TLS_ERRORS):
+        if self.relay is not None and isinstance(e, AUTH_ERRORS + TLS_ERRORS):
             _log.warn("smarthost {why}: recipients deferred", why=why)
-        return why, "4.7.5" if isinstance(e, _TLS_ERRORS) else _status_of_error(e)
+        return why, "4.7.5" if isinstance(e, TLS_ERRORS) else status_of_error(e)
 
     async def _send(
         self, client: SMTPClient, message: QueuedMessage,
@@ -372,9 +304,9 @@ class OutboundSender:
         try:
             return await client.send(
                 message.sender or "",
-                [_recipient(r) for r in recipients],
+                [recipient_of(r) for r in recipients],
                 _stream(prefix, body),
-                dsn=_dsn(message),
+                dsn=dsn_of(message),
                 size=message.size + len(prefix),
                 body_type=message.body_type,
                 smtputf8=message.smtputf8,
@@ -406,7 +338,7 @@ class OutboundSender:
             try:
                 await client.authenticate(credentials.username, credentials.password)
             except SMTPClientError:
-                _background(client.quit())  # the session is sound; it is just of no use
+                quit_later(client)  # the session is sound; it is just of no use
                 raise
             except BaseException:
                 client.abort()
@@ -441,22 +373,6 @@ def _endpoint_host(ip: str) -> str:
     return ip.replace(":", "\\:")  # IPv6 colons are escaped in endpoint strings
 
 
-def _dsn(message: QueuedMessage) -> DSN:
-    """RET and ENVID for the next hop.  Our server takes any printable ENVID (a space
-    too, as xtext "+20"), the client sends none with a space: such an ENVID is left
-    out rather than the message kept from delivery."""
-    try:
-        return DSN(ret=message.ret, envid=message.envid)
-    except ValueError as e:
-        _log.info("{id}: ENVID not passed on: {why}", id=message.id, why=str(e))
-        return DSN(ret=message.ret)
-
-
-def _recipient(r: QueuedRecipient) -> Recipient:
-    orcpt = r.orcpt[1] if r.orcpt is not None else None
-    return Recipient(r.address, notify=r.notify, orcpt=orcpt)
-
-
 def _stream(prefix: bytes, body: BinaryIO, chunk: int = 64 * 1024) -> Iterator[bytes]:
     if prefix:
         yield prefix
@@ -465,52 +381,3 @@ def _stream(prefix: bytes, body: BinaryIO, chunk: int = 64 * 1024) -> Iterator[b
         if not data:
             return
         yield data
-
-
-def _results(result: SendResult, recipients: Sequence[QueuedRecipient], host: str,
-             client: SMTPClient) -> list[AttemptResult]:
-    """The client's per-recipient outcomes as the queue's attempt results.  A next hop
-    that announced DSN got our NOTIFY and reports success itself (DELIVERED with
-    remote_dsn); one that did not is RELAYED (RFC 3461 4.1, RFC 3464 2.3.3)."""
-    remote_dsn = "DSN" in client.extensions
-    out = []
-    for r, rr in zip(recipients, result.recipients, strict=True):
-        reply = rr.reply or rr.rcpt_reply
-        queue_reply = None if reply is None else QueueReply(
-            reply.code, reply.status, " ".join(reply.lines)[:500])
-        if rr.outcome is Outcome.DELIVERED:
-            state = S.DELIVERED if remote_dsn else S.RELAYED
-        elif rr.outcome is Outcome.PERMANENT:
-            state = S.FAILED
-        else:
-            state = S.DEFERRED
-        diagnostic = None
-        if reply is None and result.error is not None:
-            diagnostic = f"{host}: {result.error}"
-        out.append(AttemptResult(r.address, state, reply=queue_reply, diagnostic=diagnostic,
-                                 status=None if reply is not None else "4.4.2",
-                                 remote_mta=host, remote_dsn=remote_dsn and r.notify
-                                 is not None))
-    return out
-
-
-def _stale(outcome: SendResult | SMTPClientError | None) -> bool:
-    """A transaction that found its (reused) connection gone before MAIL was answered."""
-    if isinstance(outcome, ConnectionLost):
-        return True
-    return (isinstance(outcome, SendResult) and outcome.mail_reply is None
-            and isinstance(outcome.error, ConnectionLost))
-
-
-def _status_of_error(e: SMTPClientError) -> str:
-    if isinstance(e, _AUTH_ERRORS):
-        # Deferred whatever the code (Postfix's smtp_sasl_auth_soft_bounce): 535 5.7.8
-        # is reported as 4.7.8 (RFC 4954 6); 454, or no usable mechanism, as 4.7.0.
-        code, status = (0, None) if e.reply is None else (e.reply.code, e.reply.status)
-        return "4" + status[1:] if status else "4.7.8" if code == 535 else "4.7.0"
-    reply = getattr(e, "reply", None)
-    if reply is not None and getattr(reply, "status", None):
-        return str(reply.status)
-    if isinstance(e, TLSUnavailable | TLSVerificationFailed):
-        return "4.7.5" if not e.permanent else "5.7.5"
-    return "5.0.0" if e.permanent else "4.4.1"

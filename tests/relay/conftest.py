@@ -28,8 +28,9 @@ from maitred_tx.mta_sts import PolicyStore  # noqa: E402
 from maitred_tx.queue.spool import SpoolStore  # noqa: E402
 from maitred_tx.queue.store import QueuedRecipient, QueueEnvelope  # noqa: E402
 from maitred_tx.queue.threaded import ThreadedQueue  # noqa: E402
+from maitred_tx.relay.connections import ConnectionCache  # noqa: E402
 from maitred_tx.relay.runner import QueueRunner  # noqa: E402
-from maitred_tx.relay.sender import ConnectionCache, OutboundSender  # noqa: E402
+from maitred_tx.relay.sender import OutboundSender  # noqa: E402
 from maitred_tx.service import SMTPService  # noqa: E402
 from maitred_tx.smtp.config import AuthChecks, Config, Mode  # noqa: E402
 

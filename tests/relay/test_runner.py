@@ -470,7 +470,7 @@ def test_a_connection_gone_before_mail_counts_as_stale() -> None:
     had closed): the connection lost before MAIL was answered, and nothing else."""
     from maitred_tx.client import ConnectionLost, SendResult, ServerRefused
     from maitred_tx.client.replies import ServerReply
-    from maitred_tx.relay.sender import _stale
+    from maitred_tx.relay.results import stale as _stale
 
     lost = ConnectionLost("gone", host="mx")
     ok = ServerReply(250, "2.1.0", ("ok",))
