@@ -454,11 +454,16 @@ class SpoolStore:
 
     def record_attempt(
         self, message_id: str, results: Sequence[AttemptResult], now: float, *,
-        journaled: bool = False,
+        journaled: bool = False, remove_if: Callable[[QueuedMessage], bool] | None = None,
     ) -> QueuedMessage | None:
+        """See QueueStore.record_attempt.  With *remove_if* true of the message after
+        the attempt, the record is the removal: env/ID.json unlinked, env/ fsync'd
+        (the commit point, as the rewrite's would be), then the body - one new file,
+        one freed inode and the file's fsync fewer than a rewrite and a removal."""
         try:
             return self._update(message_id,
-                                lambda m: apply_attempt(m, results, now, self.policy))
+                                lambda m: apply_attempt(m, results, now, self.policy),
+                                remove_if=remove_if)
         finally:
             if journaled:
                 self._journal_done()
@@ -545,14 +550,20 @@ class SpoolStore:
         return True
 
     def _update(
-        self, message_id: str, change: Callable[[QueuedMessage], QueuedMessage]
+        self, message_id: str, change: Callable[[QueuedMessage], QueuedMessage], *,
+        remove_if: Callable[[QueuedMessage], bool] | None = None,
     ) -> QueuedMessage | None:
-        """Read, change and atomically rewrite one envelope under the message's lock."""
+        """Read, change and atomically rewrite one envelope under the message's lock;
+        or remove the message durably if *remove_if* is true of the changed one."""
         check_id(message_id)
         with self._locked(message_id) as present:
             message = self._read_env(message_id) if present else None
             if message is not None:
                 changed = change(message)
+                if remove_if is not None and remove_if(changed):
+                    self._unlink_message(message_id, durable=True)
+                    self._drop_index(message_id)
+                    return changed
                 if changed != message:  # e.g. a flush of a message already due
                     self._write_env(changed)
                 message = changed
@@ -576,13 +587,18 @@ class SpoolStore:
         finally:
             os.close(fd)
 
-    def _unlink_message(self, message_id: str) -> None:
-        """Envelope first (the commit point of removal), then the body.  No fsync: if
-        the unlink is lost in a crash, the message comes back done, and is removed
-        again at start."""
-        for path in (self._env_path(message_id), self._body_path(message_id)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+    def _unlink_message(self, message_id: str, *, durable: bool = False) -> None:
+        """Envelope first (the commit point of removal), then the body.  No fsync
+        unless *durable*: if the unlink is lost in a crash, the message comes back
+        done, and is removed again at start.  *durable* (the removal records an
+        attempt's results, record_attempt's remove_if): env/ is fsync'd before the
+        body goes, so a crash never leaves an envelope without its body either."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._env_path(message_id))
+        if durable:
+            self._fsync_dir(self._env)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._body_path(message_id))
 
     # --- the index ----------------------------------------------------------------
 

@@ -42,6 +42,12 @@ got no 250 and will retry; after it, nothing is lost.
    that owes none may skip this for 5: a crash then leaves it to be settled again;
 5. calls :meth:`QueueStore.remove` once :attr:`QueuedMessage.done`.
 
+An attempt that leaves every recipient final and owes no DSN may skip 4 and 5: 3's
+``record_attempt(..., remove_if=...)`` then removes the message instead of rewriting
+it, and that removal, made durable (for the spool: the envelope unlinked, ``env/``
+fsync'd, then the body unlinked), is the record - what a rewrite followed by a
+removal would leave, with one file written, fsync'd and deleted fewer.
+
 A crash at any point repeats at most the step it interrupted: before 3 completes the
 recipients are still pending and the message is sent again; between 3 and 4 the DSNs
 are worked out again at the next run (a final recipient that is not ``notified`` makes
@@ -68,7 +74,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
@@ -287,11 +293,14 @@ class QueueStore(Protocol):
 
     def record_attempt(
         self, message_id: str, results: Sequence[AttemptResult], now: float, *,
-        journaled: bool = False,
+        journaled: bool = False, remove_if: Callable[[QueuedMessage], bool] | None = None,
     ) -> QueuedMessage | None:
         """Apply *results* durably (atomic rewrite) before returning the new state.
         *journaled*: they were passed to ``journal_attempt`` first (a store that keeps
-        such a journal may then let go of that entry)."""
+        such a journal may then let go of that entry).  *remove_if*: when it is true
+        of the new state (the runner's "every recipient final, no DSN owed"), the
+        message is removed instead, durably - that removal is the record; the new
+        state is returned all the same."""
         ...
 
     def record_notified(

@@ -82,10 +82,10 @@ class ThreadedQueue:
 
     def record_attempt(
         self, message_id: str, results: Sequence[AttemptResult], now: float, *,
-        journaled: bool = False,
+        journaled: bool = False, remove_if: Callable[[QueuedMessage], bool] | None = None,
     ) -> Deferred[QueuedMessage | None]:
         return self._run(self.store.record_attempt, message_id, tuple(results), now,
-                         journaled=journaled)
+                         journaled=journaled, remove_if=remove_if)
 
     def journal_attempt(
         self, message_id: str, results: Sequence[AttemptResult], now: float

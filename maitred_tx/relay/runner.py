@@ -12,11 +12,13 @@ for its destination's turn before it takes one of the ``concurrency`` places.
 Per message it follows the queue's crash protocol (``maitred_tx.queue.store``): the
 results of an attempt are recorded durably at once; then the DSNs owed are built and
 queued (RFC 3464; never for a bounce), then recorded as sent, then a message whose
-every recipient is final is removed.  A crash anywhere repeats at most the step it
-interrupted.  An error of ours while sending defers the recipients (4.3.0); one after
-it (the record, a DSN: a full disk) keeps the message out of the runs for
-``policy.first`` seconds, and results not recorded are recorded before it is sent
-again - never a loop that repeats the error, or the message, as fast as it can.
+every recipient is final is removed (when an attempt finishes a message that owes no
+DSN, its record is that removal, made durable: no rewrite first).  A crash anywhere
+repeats at most the step it interrupted.  An error of ours while sending defers the
+recipients (4.3.0); one after it (the record, a DSN: a full disk) keeps the message
+out of the runs for ``policy.first`` seconds, and results not recorded are recorded
+before it is sent again - never a loop that repeats the error, or the message, as
+fast as it can.
 
 When runs happen: at start; when a message is queued (``notify`` starts it at once);
 when the earliest retry is due (while deliveries are under way, at most every ``poll``
@@ -63,8 +65,9 @@ CONCURRENCY: Final = 20
 # own connection.  One by default: one connection per destination, reused for its
 # queued messages (issue 15), which is also what a receiving MX with a per-client limit
 # is happiest with.  Postfix allows 20 (default_destination_concurrency_limit); more
-# connections help a destination with slow replies, not the queue's own bound (the
-# fsyncs: against smtp-sink 4 relayed 194 messages/s, 1 relayed 186; benchmarks/README).
+# connections help a destination with slow replies, not the queue's own bound (its
+# file creations and fsyncs: against smtp-sink 4 relayed 194 messages/s, 1 relayed
+# 186; benchmarks/README).
 DESTINATION_CONCURRENCY: Final = 1
 # Messages taken per run; the rest wait for the next run, right after.
 BATCH: Final = 500
@@ -291,7 +294,15 @@ class QueueRunner(Service):
             if recorded is None:  # deleted meanwhile, or stopping
                 return
             message = recorded
+            if self._owes_nothing(message):  # the record was its removal (remove_if)
+                return
         await self._settle(message)
+
+    def _owes_nothing(self, message: QueuedMessage) -> bool:
+        """Every recipient final and no DSN owed: the message can simply go.  (With
+        every recipient final, only final DSNs can be owed: *now* does not matter.)"""
+        return (all(r.state.final for r in message.recipients)
+                and not notices(message, self.clock(), self.warning))
 
     async def _attempt(self, message: QueuedMessage, recipients: list[QueuedRecipient],
                        destination: str) -> QueuedMessage | None:
@@ -321,8 +332,12 @@ class QueueRunner(Service):
                 now = self.clock()
                 journaled = self.queue.journal_attempt(message.id, results, now)
                 try:
-                    recorded = await self.queue.record_attempt(message.id, results, now,
-                                                               journaled=journaled)
+                    # A message this attempt finished, owing no DSN, is removed rather
+                    # than rewritten: its durable removal is the record (one file
+                    # created, fsync'd and deleted fewer per message).
+                    recorded = await self.queue.record_attempt(
+                        message.id, results, now, journaled=journaled,
+                        remove_if=self._owes_nothing)
                 except BaseException:
                     self._unrecorded[message.id] = (results, now)
                     raise

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from maitred_tx.queue import spool
 from maitred_tx.queue.codec import encode
+from maitred_tx.queue.files import fsync_dir
 from maitred_tx.queue.schedule import RetryPolicy
 from maitred_tx.queue.spool import SpoolLocked, SpoolStore, valid_id
 from maitred_tx.queue.store import (
     AttemptResult,
+    QueuedMessage,
     QueuedRecipient,
     QueueEnvelope,
     QueueReply,
@@ -268,6 +271,90 @@ def test_a_done_message_left_behind_is_removed_at_start(store: SpoolStore, root:
     store = reopen(store)  # crashed before remove()
     assert files(root, "msg") == files(root, "env") == []
     store.close()
+
+
+def all_final(message: QueuedMessage) -> bool:
+    return all(r.state.final for r in message.recipients)
+
+
+def test_an_attempt_that_finishes_a_message_can_be_recorded_as_its_removal(
+    store: SpoolStore, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove_if: the record is the removal - env/ fsync'd with the envelope gone and
+    the body still there (so no crash shows an envelope without its body), no rewrite,
+    and nothing for the next start to find."""
+    message_id = store.add(envelope(), [BODY])
+    fsyncs: list[tuple[str, bool, bool]] = []
+
+    def watched(path: str) -> None:
+        fsyncs.append((os.path.basename(path), (root / "env" / f"{message_id}.json").exists(),
+                       (root / "msg" / message_id).exists()))
+        fsync_dir(path)
+
+    monkeypatch.setattr(spool, "fsync_dir", watched)
+    monkeypatch.setattr(store, "_write_env", lambda m: pytest.fail("rewrote the envelope"))
+    seen: list[QueuedMessage] = []
+    after = store.record_attempt(message_id, [delivered("bob@example.com")], T0,
+                                 remove_if=lambda m: seen.append(m) or all_final(m))
+    assert after is not None and seen == [after]
+    assert after.recipients[0].state is RecipientState.DELIVERED
+    assert fsyncs == [("env", False, True)]
+    assert files(root, "env") == files(root, "msg") == files(root, "tmp") == []
+    assert store.count() == 0 and store.load(message_id) is None
+    store.close()
+    restarted = SpoolStore(root)
+    report = restarted.recover()
+    assert report.loaded == 0 and report.removed_orphans == report.removed_done == []
+    restarted.close()
+
+
+def test_remove_if_false_records_by_rewriting(store: SpoolStore, root: Path) -> None:
+    message_id = store.add(envelope("bob@example.com", "carol@example.com"), [BODY])
+    after = store.record_attempt(message_id, [delivered("bob@example.com")], T0,
+                                 remove_if=all_final)
+    assert after is not None and not all_final(after)
+    store = reopen(store)
+    assert store.load(message_id) == after
+    assert files(root, "msg") == [message_id]
+    store.close()
+
+
+def test_remove_if_on_a_message_deleted_meanwhile(store: SpoolStore) -> None:
+    message_id = store.add(envelope(), [BODY])
+    assert SpoolStore(store.root).delete(message_id)
+    assert store.record_attempt(message_id, [delivered("bob@example.com")], T0,
+                                remove_if=lambda m: pytest.fail("called")) is None
+
+
+def test_a_removal_whose_fsync_fails_is_not_acknowledged(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record raises (the runner keeps the results and records them again before
+    any resend) rather than returning a removal that is not known to be durable."""
+    message_id = store.add(envelope(), [BODY])
+
+    def failing(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool, "fsync_dir", failing)
+    with pytest.raises(OSError):
+        store.record_attempt(message_id, [delivered("bob@example.com")], T0,
+                             remove_if=all_final)
+
+
+def test_a_journaled_attempt_recorded_as_a_removal_empties_the_journal(
+    store: SpoolStore, root: Path
+) -> None:
+    message_id = store.add(envelope(), [BODY])
+    results = [delivered("bob@example.com")]
+    store.journal_attempt(message_id, results, T0)
+    store.record_attempt(message_id, results, T0, journaled=True, remove_if=all_final)
+    assert (root / "journal").read_bytes() == b""
+    store.close()
+    restarted = SpoolStore(root)
+    assert restarted.recover().replayed == []
+    assert files(root, "env") == files(root, "msg") == []
+    restarted.close()
 
 
 # --- restart and index ----------------------------------------------------------------

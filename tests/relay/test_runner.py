@@ -18,11 +18,20 @@ from twisted.internet.task import deferLater
 
 from maitred_tx.delivery.memory import MemoryDelivery
 from maitred_tx.mta_sts.report import ResultType
-from maitred_tx.outcomes import TemporaryFailure
+from maitred_tx.outcomes import PermanentFailure, TemporaryFailure
 from maitred_tx.queue.store import RecipientState
 from maitred_tx.relay.route import RelayHost
 
 MESSAGE = b"From: alice@sender.test\r\nTo: bob@good.test\r\nSubject: relayed\r\n\r\nHello.\r\n"
+
+
+class RefusingNobody(MemoryDelivery):
+    """An MX that refuses nobody@ with 550 5.1.1 and takes everyone else."""
+
+    def rcpt_to(self, context, envelope, recipient, params):
+        if recipient.local_part == "nobody":
+            return PermanentFailure("No such user here", 550, "5.1.1")
+        return None
 
 
 def states(relay, message_id: str) -> dict[str, RecipientState]:
@@ -84,15 +93,7 @@ async def test_a_destination_gets_at_most_its_concurrency_in_connections(receive
 
 @pytest_twisted.ensureDeferred
 async def test_a_permanent_failure_bounces_to_the_sender_with_the_headers(receiver, relay):
-    class Refusing(MemoryDelivery):
-        def rcpt_to(self, context, envelope, recipient, params):
-            if recipient.local_part == "nobody":
-                from maitred_tx.outcomes import PermanentFailure
-
-                return PermanentFailure("No such user here", 550, "5.1.1")
-            return None
-
-    mx = receiver(delivery=Refusing())
+    mx = receiver(delivery=RefusingNobody())
     r = relay(port=mx.port)
     message_id = r.add("alice@sender.test", ["nobody@good.test", "bob@good.test"], MESSAGE)
     # bob gets the message; the bounce for nobody goes to alice (MX of sender.test).
@@ -332,6 +333,30 @@ async def test_an_envid_the_client_will_not_send_does_not_stick_the_message(
     message_id = r.add("alice@sender.test", ["bob@good.test"], MESSAGE, envid="a b")
     await until(lambda: r.store.load(message_id) is None, what="the message to go")
     assert len(mx.messages) == 1 and len(mx.sessions) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_finished_owing_nothing_leaves_by_its_record(receiver, relay):
+    """The attempt that makes every recipient final, with no DSN owed, is recorded as
+    the message's durable removal: its envelope is written once (the commit), never
+    rewritten.  One that owes a bounce is recorded, bounced, settled, then removed."""
+
+    mx = receiver(delivery=RefusingNobody())
+    r = relay(port=mx.port)
+    written: list[str] = []
+    real = r.store._write_env
+
+    def counting(message: Any) -> None:
+        written.append(message.id)
+        real(message)
+
+    r.store._write_env = counting  # type: ignore[method-assign]
+    delivered = r.add("alice@sender.test", ["bob@good.test"], MESSAGE)
+    bounced = r.add("alice@sender.test", ["nobody@good.test"], MESSAGE)
+    await until(lambda: len(mx.messages) == 2 and r.store.count() == 0, what="both done")
+    assert written.count(delivered) == 1  # the commit only
+    assert written.count(bounced) == 3  # the commit, the failure, the bounce settled
+    assert r.store.ids() == []
 
 
 @pytest_twisted.ensureDeferred
