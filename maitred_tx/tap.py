@@ -28,7 +28,12 @@ from maitred_tx.metrics import (
     prepare_multiproc_dir,
     worker_exited,
 )
-from maitred_tx.relay.options import queue_delivery, queue_runner, relay_host
+from maitred_tx.relay.options import (
+    check_tls_reports,
+    queue_delivery,
+    queue_runner,
+    relay_host,
+)
 from maitred_tx.server.tls import server_context
 from maitred_tx.service import DEFAULT_DNS_TIMEOUT, DEFAULT_LISTEN, SMTPService
 from maitred_tx.smtp.config import (
@@ -182,6 +187,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["destination-concurrency", None, 1, "--delivery queue: connections at once to "
                                              "one destination (a domain, or the "
                                              "--relay-host).", _positive_int],
+        ["tls-reports", None, None, "--delivery queue: send daily RFC 8460 TLS reports "
+                                    "(MTA-STS session counts) to the domains that ask "
+                                    "for them (_smtp._tls TXT), as this organization "
+                                    "name; needs --tls-reports-contact (default: none "
+                                    "are sent)."],
+        ["tls-reports-contact", None, None, "--tls-reports: our address in the reports "
+                                            "(contact-info), their From: and envelope "
+                                            "sender; bounces come back to it, and its "
+                                            "domain is the report submitter."],
         ["workers", None, 0, "Serve from this many worker processes (0: serve in this "
                              "process).  This process binds the listeners, starts the "
                              "workers and restarts any that dies; per-client limits are "
@@ -286,6 +300,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if len(self["inherited-fds"]) != len(self.listener_descriptions()):
                 raise usage.UsageError("--inherited-fds: one per listener")
         self["relay-host"] = relay_host(self)
+        check_tls_reports(self)
 
     def listener_descriptions(self) -> list[str]:
         """Every listener's endpoint description, in the order listeners are made."""

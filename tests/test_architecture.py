@@ -50,7 +50,7 @@ def test_mypy_strict_core_and_typed_glue() -> None:
     strict = _run(sys.executable, "-m", "mypy", "--strict", "maitred_tx/smtp",
                   "maitred_tx/outcomes.py", "maitred_tx/envelope.py", *pure_auth,
                   *(f"maitred_tx/mta_sts/{m}.py"
-                    for m in ("policy", "enforce", "report", "cache")),
+                    for m in ("policy", "enforce", "report", "tlsrpt", "cache")),
                   "maitred_tx/relay/route.py", "maitred_tx/relay/smarthost.py",
                   *(f"maitred_tx/client/{m}.py" for m in
                     ("replies", "extensions", "body", "errors", "message", "transaction",

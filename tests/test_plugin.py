@@ -51,6 +51,8 @@ OPTIONS = [
     "--session-deadline",
     "--bare-line-endings",
     "--relay",
+    "--tls-reports",
+    "--tls-reports-contact",
 ]
 
 

@@ -144,3 +144,48 @@ def test_the_queue_runner_sends_with_the_credentials_and_trust_root(secret_file,
         assert sender.mta_sts is None
     finally:
         delivery.queue.store.close()
+
+
+# --- --tls-reports (RFC 8460) ----------------------------------------------------------
+
+REPORTS = ("--tls-reports", "Example Mail", "--tls-reports-contact", "tlsrpt@mail.example.net")
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (("--delivery", "queue", "--tls-reports", "Example Mail"),
+     "--tls-reports needs --tls-reports-contact"),
+    (("--delivery", "queue", "--tls-reports-contact", "tlsrpt@mail.example.net"),
+     "--tls-reports-contact needs --tls-reports"),
+    (REPORTS, "--tls-reports needs --delivery queue"),
+    (("--delivery", "queue", "--relay-host", "[smtp.example.net]", *REPORTS),
+     "meaningless with --relay-host"),
+    (("--delivery", "queue", "--no-mta-sts", *REPORTS), "meaningless with --no-mta-sts"),
+    (("--delivery", "queue", "--tls-reports", " ", "--tls-reports-contact", "a@b.example"),
+     "organization name is empty"),
+    (("--delivery", "queue", "--tls-reports", "Org", "--tls-reports-contact", "postmaster"),
+     "is not an address"),
+    (("--delivery", "queue", "--tls-reports", "Org", "--tls-reports-contact", "a@-x-"),
+     "--tls-reports-contact: "),
+])
+def test_tls_reports_refusals(argv: tuple[str, ...], why: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(why)):
+        parse(*argv)
+
+
+def test_tls_reports_are_off_by_default_and_sent_by_the_runner_when_asked(tmp_path) -> None:
+    from maitred_tx.relay.reports import TlsReportSender
+
+    for argv, wanted in (((), False), (REPORTS, True)):
+        options = parse("--delivery", "queue", "--spool", str(tmp_path / "spool"), *argv)
+        delivery = queue_delivery(options, reactor)
+        try:
+            runner = queue_runner(options, reactor, delivery.queue)
+            senders = [c for c in runner.companions if isinstance(c, TlsReportSender)]
+            assert bool(senders) is wanted
+            if wanted:
+                [reports] = senders
+                assert reports.report is runner.sender.mta_sts.report
+                assert (reports.organization, reports.contact, reports.submitter) == (
+                    "Example Mail", "tlsrpt@mail.example.net", "mail.example.net")
+        finally:
+            delivery.queue.store.close()

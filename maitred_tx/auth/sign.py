@@ -64,6 +64,8 @@ _PrivateKey: TypeAlias = "rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey"
 SIGNED_HEADERS: Final = (
     "from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version",
     "content-type", "content-transfer-encoding", "in-reply-to", "references",
+    # RFC 8460 5.3: a TLS report's fields "SHOULD be included in the DKIM signature"
+    "tls-report-domain", "tls-report-submitter",
 )
 # Signed once more than they occur (RFC 6376 5.4.2): adding one breaks the signature.
 OVERSIGNED_HEADERS: Final = ("from",)

@@ -2,9 +2,10 @@
 their TLS must verify.
 
 Pure parts: ``policy`` (TXT record and policy grammar, MX matching), ``enforce``
-(per-MX decisions), ``report`` (RFC 8460 TLS-RPT counters and report), ``cache`` (the
-on-disk cache).  Glue: ``fetch`` (HTTPS with treq) and ``store`` (discovery and caching,
-RFC 8461 5.1)::
+(per-MX decisions), ``report`` (RFC 8460 TLS-RPT counters and report), ``tlsrpt``
+(the RFC 8460 ``_smtp._tls`` record and the report as mailed or POSTed), ``cache``
+(the on-disk cache).  Glue: ``fetch`` (HTTPS with treq) and ``store`` (discovery and
+caching, RFC 8461 5.1); sending the reports is ``maitred_tx.relay.reports``::
 
     store = PolicyStore(reactor, TwistedResolver(reactor), PolicyFetcher(reactor),
                         cache_dir="/var/lib/maitred/mta-sts")

@@ -115,6 +115,14 @@ class TlsReport:
         """Start a new reporting period."""
         self._sessions.clear()
 
+    def take(self) -> TlsReport:
+        """The counts so far, as a report of their own, and a new period here: at
+        midnight the day's counts are taken, then sent later while the next day's
+        sessions are counted apart (RFC 8460 4.1: a report covers one day)."""
+        ended = TlsReport()
+        ended._sessions, self._sessions = self._sessions, {}
+        return ended
+
     def render(
         self,
         domain: str,

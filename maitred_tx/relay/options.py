@@ -14,7 +14,7 @@ from twisted.python import usage
 if TYPE_CHECKING:
     from maitred_tx.relay.route import RelayHost
 
-__all__ = ["queue_delivery", "queue_runner", "relay_host"]
+__all__ = ["check_tls_reports", "queue_delivery", "queue_runner", "relay_host"]
 
 
 def relay_host(options: Any) -> RelayHost | None:
@@ -66,6 +66,39 @@ def relay_host(options: Any) -> RelayHost | None:
     return replace(relay, tls=tls, credentials=credentials)
 
 
+def check_tls_reports(options: Any) -> None:
+    """--tls-reports and --tls-reports-contact make sense together, with our own
+    MTA-STS sending (--delivery queue, no --relay-host, no --no-mta-sts: only then are
+    there sessions to report); else a usage.UsageError saying what is wrong."""
+    organization, contact = options["tls-reports"], options["tls-reports-contact"]
+    if organization is None:
+        if contact is not None:
+            raise usage.UsageError("--tls-reports-contact needs --tls-reports")
+        return
+    if not organization.strip():
+        raise usage.UsageError("--tls-reports: the organization name is empty")
+    if contact is None:
+        raise usage.UsageError("--tls-reports needs --tls-reports-contact ADDRESS")
+    if options["delivery"] != "queue":
+        raise usage.UsageError("--tls-reports needs --delivery queue")
+    if options["relay-host"] is not None:
+        raise usage.UsageError("--tls-reports is meaningless with --relay-host: the "
+                               "smarthost, not maitred, sends to the MX hosts")
+    if options["no-mta-sts"]:
+        raise usage.UsageError("--tls-reports is meaningless with --no-mta-sts: "
+                               "the reports count MTA-STS sessions")
+    from maitred_tx.mta_sts.policy import StsError, ascii_domain
+
+    local, at, domain = contact.rpartition("@")
+    if not at or not local or any(c.isspace() or c in '<>"' for c in contact):
+        raise usage.UsageError(f"--tls-reports-contact: {contact!r} is not an address "
+                               "(local@domain)")
+    try:
+        ascii_domain(domain)
+    except StsError as e:
+        raise usage.UsageError(f"--tls-reports-contact: {e}") from None
+
+
 def queue_delivery(options: Any, reactor: Any) -> Any:
     """The outbound queue in --spool.  The process that owns the spool recovers it
     (cleans up after a crash, takes its lock); a --workers worker only adds to it."""
@@ -109,8 +142,23 @@ def queue_runner(options: Any, reactor: Any, queue: Any, metrics: Any = None) ->
     sender = OutboundSender(reactor, resolver, helo=hostname, relay=relay, mta_sts=mta_sts,
                             signer=options.dkim_signer, trust_root=options["relay-trust-root"])
     pool = ThreadPool(minthreads=1, maxthreads=2, name="maitred-queue")
-    return QueueRunner(reactor, ThreadedQueue(queue.store, reactor, pool), sender,
-                       hostname=hostname, metrics=metrics, threadpool=pool,
-                       destination_concurrency=options["destination-concurrency"],
-                       policy=RetryPolicy(give_up_after=options["queue-lifetime"]),
-                       refresh=None if mta_sts is None else mta_sts.refresh_cached)
+    runner_queue = ThreadedQueue(queue.store, reactor, pool)
+    companions = []
+    if mta_sts is not None and options.get("tls-reports") is not None:
+        from maitred_tx.relay.reports import TlsReportSender
+
+        async def submit(envelope: Any, data: bytes) -> str:
+            queued = await runner_queue.add(envelope, [data])
+            runner.kick()
+            return queued
+
+        companions.append(TlsReportSender(
+            reactor, mta_sts.report, resolver, submit,
+            organization=options["tls-reports"], contact=options["tls-reports-contact"]))
+    runner = QueueRunner(reactor, runner_queue, sender,
+                         hostname=hostname, metrics=metrics, threadpool=pool,
+                         destination_concurrency=options["destination-concurrency"],
+                         policy=RetryPolicy(give_up_after=options["queue-lifetime"]),
+                         refresh=None if mta_sts is None else mta_sts.refresh_cached,
+                         companions=companions)
+    return runner

@@ -25,14 +25,15 @@ when the earliest retry is due (while deliveries are under way, at most every ``
 seconds); when an operator asks (``maitred-queue flush`` leaves a trigger file,
 looked at every ``poll`` seconds), and at least every ``scan`` seconds.  Given a
 ``refresh`` (the MTA-STS store's ``refresh_cached``), the runner also calls it every
-``refresh_every`` seconds.
+``refresh_every`` seconds.  ``companions`` (services, e.g. ``relay.reports``'s daily
+TLS reports) start and stop with the runner.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from twisted.application.service import Service
@@ -103,6 +104,7 @@ class QueueRunner(Service):
         threadpool: Any = None,
         refresh: Callable[[], Awaitable[object]] | None = None,
         refresh_every: float = REFRESH_EVERY,
+        companions: Sequence[Any] = (),
     ) -> None:
         self.reactor = reactor
         self.queue = queue
@@ -139,6 +141,9 @@ class QueueRunner(Service):
         self._refresh = refresh
         self._refresh_every = refresh_every
         self._refresher: LoopingCall | None = None
+        # Services that live as long as the runner: the daily TLS reports
+        # (relay.reports), which need the queue running to be sent.
+        self.companions = tuple(companions)
 
     # --- service -----------------------------------------------------------------------
 
@@ -154,10 +159,13 @@ class QueueRunner(Service):
             self._refresher = LoopingCall(lambda: defer.ensureDeferred(self._refreshing()))
             self._refresher.clock = self.reactor
             self._refresher.start(self._refresh_every, now=False)
+        for companion in self.companions:
+            companion.startService()
         self.kick()
 
     def stopService(self) -> Any:
         super().stopService()
+        companions = [c.stopService() for c in self.companions]
         for loop in (self._poller, self._refresher):
             if loop is not None and loop.running:
                 loop.stop()
@@ -166,7 +174,8 @@ class QueueRunner(Service):
         self.sender.connections.close()
         # Transactions under way finish; messages still waiting for a place do not
         # start (_attempt), and are sent after the next start.
-        pending = [d for d in (self._running, *self._active.values()) if d is not None]
+        pending = [d for d in (self._running, *self._active.values(), *companions)
+                   if d is not None]
         if not pending:
             self._stop_threads()
             return None

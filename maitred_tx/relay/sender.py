@@ -46,6 +46,7 @@ from maitred_tx.client import (
 from maitred_tx.mta_sts.enforce import check_mx, filter_mx
 from maitred_tx.mta_sts.policy import Mode, Policy
 from maitred_tx.mta_sts.report import ResultType
+from maitred_tx.mta_sts.tlsrpt import is_report_transaction
 from maitred_tx.queue.store import AttemptResult, QueuedMessage, QueuedRecipient
 from maitred_tx.queue.store import RecipientState as S
 from maitred_tx.relay.connections import ConnectionCache, quit_later
@@ -166,7 +167,8 @@ class OutboundSender:
         """Try *recipients* of *message* (all of one *destination*) once.
         *open_body*: returns (a Deferred of) the stored body, a binary file."""
         try:
-            plans = await self._plans(destination)
+            plans = await self._plans(destination,
+                                      report=is_report_transaction(message.transaction_id))
         except RouteError as e:
             state = S.FAILED if e.permanent else S.DEFERRED
             return [AttemptResult(r.address, state, status=e.status, diagnostic=e.text)
@@ -196,7 +198,13 @@ class OutboundSender:
 
     # --- where and how ---------------------------------------------------------------
 
-    async def _plans(self, destination: str) -> list[_Plan]:
+    async def _plans(self, destination: str, *, report: bool = False) -> list[_Plan]:
+        """How to try *destination*'s hosts.  A TLS report we queued (*report*) goes
+        without MTA-STS, like a domain without a policy: RFC 8460 5.3, "Sending MTAs
+        MUST deliver reports despite any TLS-related failures and SHOULD NOT include
+        this SMTP session in the next report" (no plan is ``verify``/``listed``, so
+        nothing is counted), and a report about a domain's broken TLS still reaches
+        it.  Its opportunistic connections have their own ConnectionCache key."""
         relay = self.relay
         if relay is not None:
             hosts = (await route(self.resolver, relay.name, port=relay.port) if relay.mx
@@ -204,7 +212,7 @@ class OutboundSender:
             tls, verify = _RELAY_TLS[relay.tls]
             return [_Plan(h, tls, verify, credentials=relay.credentials) for h in hosts]
         domain = destination
-        mta_sts = self.mta_sts
+        mta_sts = None if report else self.mta_sts
         policy = None if mta_sts is None else await mta_sts.policy_for(domain)
         hosts = await route(self.resolver, domain, port=self.port)
         if mta_sts is None or policy is None or policy.mode is Mode.NONE:

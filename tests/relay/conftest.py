@@ -40,6 +40,8 @@ MX_NAMES = ("mx.good.test", "mx.sts.test", "mx.wrongcert.test", "mx.testing.test
             "mx2.down.test", "mx.bad-sts.test", "mx.sender.test")
 CERT_NAMES = ("mx.good.test", "mx.sts.test", "mx.testing.test", "mx.sender.test",
               "mx2.down.test", "mx.bad-sts.test")
+TLSRPT_NAME = "_smtp._tls.sts.test"
+TLSRPT_RUA = "tlsrpt@sts.test"
 POLICIES = {
     "sts.test": "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n",
     "bad-sts.test": "version: STSv1\nmode: enforce\nmx: other.bad-sts.test\nmax_age: 86400\n",
@@ -57,6 +59,9 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
                    "sender.test"):
         records.append(f"--mx-host={domain},mx.{domain},10")
     records += [f"--txt-record=_mta-sts.{domain},v=STSv1; id=1;" for domain in POLICIES]
+    # RFC 8460 3: sts.test asks for TLS reports by mail, its record in two strings
+    # (dnsmasq splits the text at the comma) that the resolver joins.
+    records.append(f"--txt-record={TLSRPT_NAME},v=TLSRPTv1;,rua=mailto:{TLSRPT_RUA}")
     yield from run_dnsmasq(tmp_path_factory.mktemp("relay-dns"), records, local=("test",))
 
 
