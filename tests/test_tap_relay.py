@@ -187,5 +187,8 @@ def test_tls_reports_are_off_by_default_and_sent_by_the_runner_when_asked(tmp_pa
                 assert reports.report is runner.sender.mta_sts.report
                 assert (reports.organization, reports.contact, reports.submitter) == (
                     "Example Mail", "tlsrpt@mail.example.net", "mail.example.net")
+                # the counts are kept beside the MTA-STS policy cache (only with the option:
+                # without it there is no sender, and nothing writes the file)
+                assert reports.state_path == tmp_path / "spool" / "mta-sts" / "tls-report.json"
         finally:
             delivery.queue.store.close()

@@ -4,9 +4,9 @@ One small JSON file per policy domain, ``<a-label domain>.json``, holding the po
 (from the TXT record), the fetch time and the policy text.  An entry lives for the
 policy's ``max_age`` after its fetch (3.2) and is then discarded.  Files are written
 atomically (a temporary file in the same directory, fsync, rename, fsync of the
-directory): a crash leaves the old entry or the new one, never a torn file.  Files that
-cannot be read back are skipped and reported, never fatal: the cache is an optimisation
-of the protocol, which works (less well) without it.
+directory; ``write_atomically``): a crash leaves the old entry or the new one, never a
+torn file.  Files that cannot be read back are skipped and reported, never fatal: the
+cache is an optimisation of the protocol, which works (less well) without it.
 
 Pure: stdlib only.  ``save`` and the loading in the constructor block on the file system;
 glue runs ``save`` in a thread (``maitred_tx.mta_sts.store``).  Time comes from a clock
@@ -34,13 +34,16 @@ from maitred_tx.mta_sts.policy import (
     parse_policy,
 )
 
-__all__ = ["CachedPolicy", "PolicyCache"]
+__all__ = ["REPORT_STATE_FILE", "CachedPolicy", "PolicyCache", "write_atomically"]
 
 FORMAT: Final = 1
 # A cache file is a policy plus a few fields: anything larger is not ours.
 MAX_FILE_SIZE: Final = 2 * MAX_POLICY_SIZE + 4096
 _SUFFIX: Final = ".json"
 _TMP_SUFFIX: Final = ".tmp"
+# The day's TLS report counts, kept beside the policies by ``relay.reports`` (with
+# --tls-reports): not a policy domain's entry (no TLD is named "tls-report").
+REPORT_STATE_FILE: Final = "tls-report.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,18 +150,7 @@ class PolicyCache:
         path = self.path_for(entry.domain)
         if path is None:
             return
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{entry.domain}.", suffix=_TMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(entry.to_json())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_directory(path.parent)
+        write_atomically(path, entry.to_json())
 
     def _load(self, directory: Path) -> None:
         now = self._clock()
@@ -166,7 +158,7 @@ class PolicyCache:
             if path.name.startswith(".") and path.name.endswith(_TMP_SUFFIX):
                 self._remove(path)  # left by a write that never finished
                 continue
-            if not path.name.endswith(_SUFFIX):
+            if not path.name.endswith(_SUFFIX) or path.name == REPORT_STATE_FILE:
                 continue
             try:
                 entry = self._read(path)
@@ -201,6 +193,25 @@ class PolicyCache:
             pass
         except OSError as exc:
             self._on_problem(f"cannot remove MTA-STS cache file {path}: {exc}")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path``'s content with ``data`` so that a crash leaves the old file or
+    the new one, never a torn one: a temporary file beside it (``.<name>.*.tmp``, which
+    ``PolicyCache`` removes at start-up when a write never finished), fsync, rename,
+    fsync of the directory.  Blocking; raises OSError."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

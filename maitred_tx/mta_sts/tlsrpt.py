@@ -176,8 +176,8 @@ def is_report_transaction(transaction_id: str | None) -> bool:
 class ReportPeriod:
     """One report's time range.  4.1: "The report SHOULD cover a full day, from
     00:00-24:00 UTC"; ``start`` is later when counting began during that day (a
-    process started then: the counts are in memory), so the range says what was
-    counted.  ``end`` is the last second in the range (4.4's example ends at
+    process started then with no saved counts of that day), so the range says what
+    was counted.  ``end`` is the last second in the range (4.4's example ends at
     23:59:59Z)."""
 
     start: datetime

@@ -152,9 +152,12 @@ def queue_runner(options: Any, reactor: Any, queue: Any, metrics: Any = None) ->
             runner.kick()
             return queued
 
+        from maitred_tx.mta_sts.cache import REPORT_STATE_FILE
+
         companions.append(TlsReportSender(
             reactor, mta_sts.report, resolver, submit,
-            organization=options["tls-reports"], contact=options["tls-reports-contact"]))
+            organization=options["tls-reports"], contact=options["tls-reports-contact"],
+            state_path=os.path.join(cache, REPORT_STATE_FILE)))
     runner = QueueRunner(reactor, runner_queue, sender,
                          hostname=hostname, metrics=metrics, threadpool=pool,
                          destination_concurrency=options["destination-concurrency"],

@@ -17,30 +17,46 @@ domain's report dropped), then for each ``rua``:
   a 200 or 201"), anything else is logged and tried once more ``retry_after``
   seconds later (5.5 allows giving up: reports are optional).
 
-The counts live in memory only: a restart loses the day's counts so far (the next
-report's date-range starts when counting did).  Glue: the reactor is a parameter
-(its ``seconds`` is the clock, its ``callLater`` the timer).
+With ``state_path`` (``<spool>/mta-sts/tls-report.json`` under ``twistd``), the
+counts and the start of their period survive a restart: they are loaded at start-up
+and added to the store's, written atomically (``mta_sts.cache.write_atomically``, in
+the reactor's thread pool, one write at a time) every ``save_every`` seconds when
+they changed and at stopService, and replaced by the new, empty period at midnight,
+so that a restart after midnight never sends yesterday's counts again (the cost: a
+restart between midnight and the sending loses that day's report).  A file that
+cannot be read is logged and ignored.  Saved counts from an earlier UTC day (the
+process was down over midnight) belong to a report that was never sent: it is sent
+after the usual random delay, its date-range from the saved start to the end of
+that day (the counts stop at the shutdown, but nothing was counted after it either);
+dropping them would understate, which is what persisting them is meant to stop.
+Without ``state_path`` the counts live in memory only.
+
+Glue: the reactor is a parameter (its ``seconds`` is the clock, its ``callLater``
+the timer, its thread pool the writer).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
 
 from maitred_tx.auth.resolver import DNSError, NXDomain, Resolver
+from maitred_tx.mta_sts.cache import write_atomically
 from maitred_tx.mta_sts.policy import ascii_domain
-from maitred_tx.mta_sts.report import TlsReport
+from maitred_tx.mta_sts.report import TlsReport, dump_state, load_state
 from maitred_tx.mta_sts.tlsrpt import (
     GZIP_MEDIA_TYPE,
     REPORT_TRANSACTION_PREFIX,
@@ -70,6 +86,12 @@ TIMEOUT: Final = 60.0
 # As previously stated, the reports are optional").
 RETRY_AFTER: Final = 600.0
 USER_AGENT: Final = b"maitred_tx TLS-RPT"
+# Saved counts are at most this old when the process dies without stopService (a
+# crash, SIGKILL): five minutes of a day's report is a small loss, and a write every
+# five minutes (only when something was counted) is nothing for the disk.
+SAVE_EVERY: Final = 300.0
+# The saved counts are ours, but a wrong file must not be read whole into memory.
+MAX_STATE_SIZE: Final = 64 * 1024 * 1024
 
 Submit = Callable[[QueueEnvelope, bytes], Awaitable[object]]
 
@@ -82,7 +104,9 @@ class TlsReportSender(Service):
     is the submitter (5.1 "sender ... used as the domain for the contact-info").
     ``submit(envelope, data)``: queues a message (the queue's ``add``, then a kick of
     the runner).  ``agent``: the IAgent to POST with (default: verifying against the
-    platform's CAs).  ``rng``: chooses the delay (tests)."""
+    platform's CAs).  ``rng``: chooses the delay (tests).  ``state_path``: where the
+    counts are kept across restarts (None: in memory only), written every
+    ``save_every`` seconds when they changed."""
 
     def __init__(
         self,
@@ -98,6 +122,8 @@ class TlsReportSender(Service):
         timeout: float = TIMEOUT,
         retry_after: float = RETRY_AFTER,
         rng: random.Random | None = None,
+        state_path: str | os.PathLike[str] | None = None,
+        save_every: float = SAVE_EVERY,
     ) -> None:
         self.reactor = reactor
         self.report = report
@@ -113,6 +139,12 @@ class TlsReportSender(Service):
         self.retry_after = retry_after
         self.rng = rng or random.SystemRandom()
         self.counting_since: float | None = None
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.save_every = save_every
+        self._period_start = 0.0  # of the counts in ``report``, for the saved file
+        self._saved_changes: int | None = None  # ``report.changes`` when last saved
+        self._save_lock = defer.DeferredLock()
+        self._saver: task.LoopingCall | None = None
         self._timers: list[Any] = []
         self._sending: set[defer.Deferred[None]] = set()
 
@@ -120,7 +152,16 @@ class TlsReportSender(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.counting_since = self.reactor.seconds()
+        now = self.reactor.seconds()
+        self.counting_since = self._period_start = now
+        if self.state_path is not None:
+            # No counts, no file needed; a stale or corrupt one is replaced (or ignored
+            # again) once something is counted.
+            self._saved_changes = None if self.report.domains() else self.report.changes
+            self._restore(self.state_path, now)
+            self._saver = task.LoopingCall(self._save_if_changed)
+            self._saver.clock = self.reactor
+            self._saver.start(self.save_every, now=False)
         self._plan_midnight()
 
     def stopService(self) -> Any:
@@ -131,6 +172,11 @@ class TlsReportSender(Service):
         self._timers.clear()
         for sending in list(self._sending):  # a POST or its retry: not waited for
             sending.cancel()
+        if self._saver is not None and self._saver.running:
+            self._saver.stop()
+        self._saver = None
+        if self.state_path is not None and self.report.changes != self._saved_changes:
+            return self._save(self.state_path)  # waited for: the counts so far
         return None
 
     def _later(self, delay: float, f: Callable[..., object], *args: Any) -> None:
@@ -147,9 +193,70 @@ class TlsReportSender(Service):
         period = ReportPeriod.day_before(now, self.counting_since)
         self.counting_since = None  # from now on, whole days
         ended = self.report.take()
+        self._period_start = now
+        if self.state_path is not None:  # the new, empty day replaces the ended one
+            self._save(self.state_path)
         if ended.domains():
             self._later(self.rng.uniform(0, self.spread), self._start_sending, ended, period)
         self._plan_midnight()
+
+    # --- the counts across restarts ----------------------------------------------------
+
+    def _restore(self, path: Path, now: float) -> None:
+        """Add the saved counts to ``report`` if they are of today (started at their
+        saved start); send them later if of an earlier day (module docstring)."""
+        try:
+            with path.open("rb") as source:
+                raw = source.read(MAX_STATE_SIZE + 1)
+            if len(raw) > MAX_STATE_SIZE:
+                raise ValueError(f"larger than {MAX_STATE_SIZE} octets")
+            saved, since = load_state(raw)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            _log.warn("TLS reports: ignoring the saved counts in {path}: {why}",
+                      path=str(path), why=exc)
+            return
+        since = min(since, now)  # a clock that went back: never a range in the future
+        if next_midnight(since) > now:  # today's: counting goes on from the saved start
+            was_empty = not self.report.domains()
+            self.report.merge(saved)
+            self.counting_since = self._period_start = since
+            if was_empty:
+                self._saved_changes = self.report.changes  # the file says just this
+            _log.info("TLS reports: counts since {since} restored from {path}",
+                      since=_utc(since), path=str(path))
+            return
+        if saved.domains():
+            period = ReportPeriod.day_before(next_midnight(since), since)
+            _log.info("TLS reports: the counts of {start} to {end}, saved before a shutdown "
+                      "over midnight, are sent after the usual delay",
+                      start=_utc(since), end=f"{period.end:%Y-%m-%dT%H:%M:%SZ}")
+            self._later(self.rng.uniform(0, self.spread), self._start_sending, saved, period)
+        self._save(path)  # today's counts replace them: a second restart sends them not
+
+    def _save_if_changed(self) -> defer.Deferred[None] | None:
+        if self.state_path is None or self.report.changes == self._saved_changes:
+            return None
+        return self._save(self.state_path)
+
+    def _save(self, path: Path) -> defer.Deferred[None]:
+        """Write the counts as they are now, in a thread, after any write before it.
+        The JSON is made here, on the reactor thread, while the counts hold still; a
+        failed write is logged and tried again at the next tick."""
+        self._saved_changes = self.report.changes
+        data = dump_state(self.report, self._period_start)
+        d: defer.Deferred[None] = self._save_lock.run(
+            threads.deferToThreadPool, self.reactor, self.reactor.getThreadPool(),
+            write_atomically, path, data)
+
+        def failed(failure: Any) -> None:
+            self._saved_changes = None
+            _log.error("TLS reports: cannot save the counts to {path}: {why}",
+                       path=str(path), why=failure.value)
+
+        d.addErrback(failed)
+        return d
 
     def _start_sending(self, ended: TlsReport, period: ReportPeriod) -> None:
         d = defer.ensureDeferred(self.send(ended, period))
@@ -264,6 +371,10 @@ class TlsReportSender(Service):
         if 200 <= response.code < 300:
             return None
         return f"HTTP status {response.code}"
+
+
+def _utc(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Discard(Protocol):
