@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # dnsmasq_support
 
 from maitred_interop import twistd_maitred
 from security_support import CertFiles, make_certificate, running_services

@@ -14,10 +14,8 @@ import base64
 import os
 import shutil
 import smtplib
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from ipaddress import ip_network
@@ -29,6 +27,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from dnsmasq_support import run_dnsmasq
 from maitred_interop import Client, free_port, message_files, split_trace, twistd_maitred
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -88,50 +87,17 @@ def txt_argument(name: str, text: str) -> str:
     return "--txt-record=" + ",".join([name, *pieces])
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((LOCALHOST, 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def dns_port() -> Iterator[int]:
-    """A dnsmasq serving ``zone()`` on a free UDP port of 127.0.0.1."""
-    program = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
-    if not os.path.exists(program):
-        pytest.skip("dnsmasq is not installed (Debian dnsmasq-base; CI installs it)")
-    port = free_udp_port()
-    argv = [
-        program, "--no-daemon", "--keep-in-foreground", f"--port={port}",
-        f"--listen-address={LOCALHOST}", "--bind-interfaces", "--no-resolv", "--no-hosts",
-        "--conf-file=/dev/null", "--local=/test/", "--pid-file=", "--user=",
-        "--local-ttl=300",  # cacheable answers (dnsmasq's default TTL is 0); the zone is
-        # static and every server() has a resolver, and so a cache, of its own
-        *(txt_argument(n, t) for n, t in zone().items()),
-    ]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while not answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                err = process.stderr.read().decode() if process.stderr else ""
-                pytest.skip(f"dnsmasq did not start: {err.strip()}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def answers(port: int) -> bool:
-    query = bytes.fromhex("123401000001000000000000") + b"\x04pass\x04test\x00\x00\x10\x00\x01"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(0.2)
-        try:
-            s.sendto(query, (LOCALHOST, port))
-            return s.recv(4096)[:2] == b"\x12\x34"
-        except OSError:
-            return False
+def dns_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A dnsmasq serving ``zone()`` on a port of 127.0.0.1 free for UDP and TCP
+    (tests/dnsmasq_support.py: a port taken meanwhile is retried, and a dnsmasq that
+    is installed but does not start fails the tests rather than skipping them)."""
+    records = [txt_argument(n, t) for n, t in zone().items()]
+    # TTL 300: cacheable answers (dnsmasq's default is 0); the zone is static and every
+    # server() has a resolver, and so a cache, of its own.
+    for dnsmasq in run_dnsmasq(tmp_path_factory.mktemp("dns"), records, local=("test",),
+                               ttl=300):
+        yield dnsmasq.port
 
 
 @dataclass(slots=True)
